@@ -1,0 +1,1 @@
+"""`mtool adapters ...`: inspect, merge into base, combine, extract, resize PEFT LoRA adapters."""

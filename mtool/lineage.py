@@ -1,0 +1,191 @@
+"""The provenance record every mtool output folder carries: ``mtool-lineage.json``.
+
+A record says what operation made the folder (train / merge / adapter-merge / combine / extract /
+resize), from which parents (each with its id, revision, role and the sha256 of every weight file
+read), with which canonical recipe or training config, resolved parameters, seed and data set, and
+what came out (file hashes, parameter count, final metrics). Names and cards are derived from it.
+
+A parent that carries a record of its own has that record embedded (``Parent.lineage``), so the
+whole tree travels with the output even when the parent folders are gone.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mtool import __version__
+from mtool.errors import InputError
+
+LINEAGE_FILENAME = "mtool-lineage.json"
+SCHEMA_VERSION = 1
+
+Operation = Literal["train", "merge", "adapter-merge", "combine", "extract", "resize", "base"]
+Role = Literal["base", "model", "adapter", "tokenizer"]
+
+
+class Parent(BaseModel):
+    """One input of an operation."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str  # Hub id ("meta-llama/Llama-3.1-8B") or the local path as given
+    role: Role
+    is_hub: bool = False  # True when ``id`` is a Hub repository id (only those become card base_model ids)
+    revision: str | None = None
+    path: str | None = None  # resolved local folder the weights were read from
+    files: dict[str, str] = Field(default_factory=dict)  # weight file name -> sha256
+    license: str | None = None  # the parent's license as its card or config declares it
+    weight: float | None = None  # the parent's weight in a merge, when it has one
+    lineage: "Lineage | None" = None  # the parent's own record, when it has one
+
+
+class Dataset(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str  # Hub id or local path as given
+    sha256: str | None = None  # of the data files, in order
+    is_hub: bool = False
+    examples: int | None = None
+    format: str | None = None
+
+
+class Lineage(BaseModel):
+    """The record of one output folder (see the module docstring)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    schema_version: int = SCHEMA_VERSION
+    tool: str = "mtool"
+    tool_version: str = __version__
+    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    operation: Operation
+    method: str | None = None  # merge method (slerp, ties...), combination type, or "lora"/"qlora"
+    parents: list[Parent] = Field(default_factory=list)
+    recipe: dict[str, Any] | None = None  # canonical merge recipe or training config
+    parameters: dict[str, Any] = Field(default_factory=dict)  # resolved parameters
+    seed: int | None = None
+    dataset: Dataset | None = None
+    outputs: dict[str, str] = Field(default_factory=dict)  # output weight file name -> sha256
+    parameter_count: int | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    is_adapter: bool = False  # the output is a PEFT adapter, not a full model
+
+    def roots(self) -> list[Parent]:
+        """The parents at the bottom of the tree: those that carry no record of their own."""
+        found: list[Parent] = []
+        for parent in self.parents:
+            if parent.lineage is not None and parent.lineage.parents:
+                found.extend(parent.lineage.roots())
+            else:
+                found.append(parent)
+        return found
+
+    def walk(self) -> Iterator[tuple[int, Parent]]:
+        """Every parent in the tree with its depth (1 = direct parent), depth first."""
+        for parent in self.parents:
+            yield 1, parent
+            if parent.lineage is not None:
+                for depth, grandparent in parent.lineage.walk():
+                    yield depth + 1, grandparent
+
+
+Parent.model_rebuild()
+
+
+def weight_files_of(folder: str | os.PathLike) -> list[Path]:
+    """The weight files of an output folder (safetensors shards), sorted."""
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+def hash_files(files: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """``{file name: sha256}`` for each file, streamed (see :func:`mtool.checkpoint.file_sha256`)."""
+    from mtool.checkpoint import file_sha256
+
+    return {Path(f).name: file_sha256(f) for f in files}
+
+
+def read_lineage(folder: str | os.PathLike) -> Lineage | None:
+    """The record in ``folder``, or None when the folder has none. A malformed record is an error."""
+    path = Path(folder) / LINEAGE_FILENAME
+    if not path.is_file():
+        return None
+    try:
+        return Lineage.model_validate_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValidationError, ValueError) as error:
+        first = str(error).splitlines()[0]
+        raise InputError(f"malformed lineage record: {first}", where=str(path),
+                         fix="regenerate the folder with mtool or delete the file") from None
+
+
+def write_lineage(folder: str | os.PathLike, record: Lineage) -> Path:
+    """Write ``record`` as ``folder/mtool-lineage.json`` (pretty, stable key order)."""
+    path = Path(folder) / LINEAGE_FILENAME
+    data = record.model_dump(mode="json", exclude_none=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    return path
+
+
+def describe_parent(reference: Any, role: Role, *, hash_weights: bool = True, weight: float | None = None) -> Parent:
+    """A :class:`Parent` for an input folder: weight hashes, license, and its own record if any.
+
+    ``reference`` is a :class:`mtool.checkpoint.ModelRef` or a local path.
+    """
+    from mtool.checkpoint import ModelRef, open_checkpoint
+
+    if not isinstance(reference, ModelRef):
+        reference = ModelRef(id=str(reference), path=Path(reference))
+    folder = reference.path if reference.path.is_dir() else reference.path.parent
+    files: dict[str, str] = {}
+    if hash_weights:
+        try:
+            files = hash_files(open_checkpoint(reference.path).weight_files)
+        except InputError:
+            files = {}
+    return Parent(
+        id=reference.id,
+        role=role,
+        is_hub=reference.is_hub,
+        revision=reference.revision,
+        path=str(folder.resolve()),
+        files=files,
+        license=declared_license(folder),
+        weight=weight,
+        lineage=read_lineage(folder),
+    )
+
+
+def declared_license(folder: str | os.PathLike) -> str | None:
+    """The license a model folder declares: its README front matter ``license:``, else config.json."""
+    folder = Path(folder)
+    readme = folder / "README.md"
+    if readme.is_file():
+        text = readme.read_text(encoding="utf-8", errors="replace")
+        if text.startswith("---"):
+            end = text.find("\n---", 3)
+            if end > 0:
+                import yaml
+
+                try:
+                    front = yaml.safe_load(text[3:end]) or {}
+                except yaml.YAMLError:
+                    front = {}
+                if isinstance(front, dict) and front.get("license"):
+                    return str(front["license"])
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            value = json.loads(config.read_text(encoding="utf-8")).get("license")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            value = None
+        if value:
+            return str(value)
+    return None

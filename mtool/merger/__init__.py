@@ -1,0 +1,1 @@
+"""`mtool merge`: mergekit-compatible recipes, streamed tensor by tensor."""

@@ -1,0 +1,1 @@
+"""Merge methods: pure tensor functions, one module per method family."""

@@ -1,0 +1,1 @@
+"""`mtool name` and `mtool card`: the naming schema, license resolution, model cards."""

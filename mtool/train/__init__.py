@@ -1,0 +1,1 @@
+"""`mtool train` and `mtool estimate`: LoRA/QLoRA fine-tuning."""

@@ -1,0 +1,50 @@
+"""Console output that respects ``--quiet`` and ``--verbose``: messages go to stderr, data to stdout."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+
+@dataclass
+class Verbosity:
+    """Process-wide output level set once by the CLI: quiet < normal < verbose."""
+
+    verbose: int = 0
+    quiet: bool = False
+
+
+VERBOSITY = Verbosity()
+
+
+def info(message: str) -> None:
+    """A progress message for people (stderr); silenced by ``--quiet``."""
+    if not VERBOSITY.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def debug(message: str) -> None:
+    """A detail shown only with ``-v``."""
+    if VERBOSITY.verbose and not VERBOSITY.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def warn(message: str) -> None:
+    """A warning; shown even with ``--quiet``."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it", unit_scale: bool = False):
+    """A tqdm progress bar on stderr, disabled by ``--quiet`` or when stderr is not a terminal."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        unit=unit,
+        unit_scale=unit_scale,
+        disable=VERBOSITY.quiet or not sys.stderr.isatty(),
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
