@@ -152,18 +152,15 @@ class TensorInfo:
         return count
 
 
+_ELEMENT_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
+    "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64,
+    "I64": 64, "U64": 64,
+}  # fmt: skip
+
+
 def _element_bits(dtype_name: str) -> int:
-    if dtype_name == "F4":
-        return 4
-    if dtype_name.startswith("F6"):
-        return 6
-    if dtype_name in ("BOOL", "U8", "I8") or dtype_name.startswith("F8"):
-        return 8
-    if dtype_name in ("I16", "U16", "F16", "BF16"):
-        return 16
-    if dtype_name in ("I32", "U32", "F32"):
-        return 32
-    return 64
+    return _ELEMENT_BITS[dtype_name]
 
 
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -208,8 +205,8 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
         numel = 1
         for dim in shape:
             numel *= dim
-        expected = (numel * _element_bits(dtype_name) + 7) // 8
-        if dtype_name not in _DTYPE_RANK or end - begin != expected or begin < 0:
+        expected = (numel * _ELEMENT_BITS.get(dtype_name, 0) + 7) // 8
+        if dtype_name not in _ELEMENT_BITS or end - begin != expected or begin < 0:
             raise CheckpointError(
                 f"corrupt safetensors header: tensor {name!r} ({dtype_name}, shape {list(shape)}) has "
                 f"byte range [{begin}, {end})", where=str(path), fix="download or write the file again")
@@ -334,7 +331,7 @@ def _files_from_index(index: Path) -> list[Path]:
     except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot parse the shard index: {error}", where=str(index)) from None
     files = []
-    for filename in dict.fromkeys(weight_map.values()):
+    for filename in sorted(set(weight_map.values())):
         shard = index.parent / filename
         if not shard.is_file():
             raise CheckpointError(f"shard {filename} named in the index is missing", where=str(index),

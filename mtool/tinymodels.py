@@ -137,7 +137,8 @@ def build_model(spec: TinySpec = TinySpec(), *, seed: int = 0, tokenizer=None):
 
 def save_model(model, tokenizer, folder: str | os.PathLike, *, shards: int = 1, dtype: "torch.dtype | None" = None,
                license: str | None = None) -> Path:
-    """Save ``model`` + ``tokenizer`` as a Hugging Face folder; ``shards > 1`` splits the weights.
+    """Save ``model`` + ``tokenizer`` as a Hugging Face folder; ``shards > 1`` splits the weights into
+    about that many files (at least two).
 
     ``license`` (e.g. ``"apache-2.0"``) writes a minimal README.md front matter declaring it, as a Hub
     model card would.

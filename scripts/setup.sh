@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Create or update the project's virtual environment in .venv (idempotent; fast when nothing changed).
+#   MTOOL_TORCH   the torch requirement installed first (default torch==2.13.0, the CPU build;
+#                 on a GPU machine use e.g. MTOOL_TORCH="torch" to get the CUDA build)
+#   MTOOL_EXTRAS  extras to install (default "test")
+#   MTOOL_MERGEKIT=1 also builds .mkvenv, a separate venv with mergekit 0.1.5 used as the merge reference
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+torch_requirement=${MTOOL_TORCH:-torch==2.13.0}
+extras=${MTOOL_EXTRAS:-test}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv" >&2
+  "$python" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+# torch first: an unpinned torch pulled in by a dependency would bring a multi-GB CUDA build.
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  echo "setup: installing $torch_requirement" >&2
+  .venv/bin/python -m pip install -q "$torch_requirement"
+fi
+stamp=.venv/.mtool-installed
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing mtool[$extras]" >&2
+  .venv/bin/python -m pip install -q -e ".[$extras]"
+  echo "$want" > "$stamp"
+fi
+
+if [ "${MTOOL_MERGEKIT:-0}" = "1" ] && [ ! -x .mkvenv/bin/mergekit-yaml ]; then
+  echo "setup: installing the mergekit reference into .mkvenv" >&2
+  "$python" -m venv .mkvenv
+  .mkvenv/bin/python -m pip install -q --upgrade pip
+  .mkvenv/bin/python -m pip install -q "$torch_requirement"
+  .mkvenv/bin/python -m pip install -q "mergekit==0.1.5" \
+    || echo "setup: mergekit could not be installed; the comparison tests will be skipped" >&2
+fi

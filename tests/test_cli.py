@@ -1,0 +1,41 @@
+"""The CLI shell: version, fast help, one-line errors with exit codes, tracebacks only with -v."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from mtool import __version__
+
+
+def test_version(run_cli) -> None:
+    assert __version__ in run_cli("--version").output
+
+
+def test_help_imports_no_heavy_library() -> None:
+    code = ("import sys; from click.testing import CliRunner; from mtool.cli import main; "
+            "r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'safetensors', 'bitsandbytes', 'datasets') "
+            "if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_info_summarizes_without_loading(run_cli, tiny) -> None:
+    folder = tiny.model("llama", shards=2)
+    summary = json.loads(run_cli("info", folder, "--json").output)
+    assert summary["kind"] == "model" and summary["architecture"] == "LlamaForCausalLM"
+    assert len(summary["files"]) >= 2 and summary["tensors"] > 10
+    text = run_cli("info", folder, "--tensors").output
+    assert "model.embed_tokens.weight" in text
+
+
+def test_errors_are_one_line_without_traceback(run_cli, tmp_path: Path) -> None:
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    result = run_cli("info", tmp_path, expect=2)
+    assert result.output.startswith("error: refusing to load pickle weights")
+    assert "Traceback" not in result.output
+    verbose = run_cli("-v", "info", tmp_path, expect=2)
+    assert "Traceback" in verbose.output and "error: refusing" in verbose.output
