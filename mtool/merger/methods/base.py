@@ -1,0 +1,167 @@
+"""What a merge method is: its parameters, what inputs it accepts, and the one-tensor task it computes.
+
+A method is a pure function ``MergeTask -> Tensor`` plus a declaration:
+
+* ``parameters``: each :class:`ParameterSpec` has a mergekit name (``weight``, ``density``, ``t``...), a
+  default (``REQUIRED`` when it has none), a valid range, and a :class:`Scope`:
+  ``SHARED`` (one value for the tensor: ``t``, ``normalize``, ``lambda``), ``INPUT`` (one value per input
+  model, base included: linear's ``weight``) or ``NON_BASE`` (one per input other than the base: TIES'
+  ``weight`` and ``density``).
+* ``base``: whether the method needs a base model (``REQUIRED``), can use one (``OPTIONAL``) or treats every
+  input alike (``IGNORED``).
+* input counts: how many models it takes, in all and besides the base.
+
+The executor resolves parameters for every output tensor (gradients, filters), reads the input tensors,
+casts them to the compute dtype and calls ``method.merge(task)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Union
+
+from mtool.errors import ComputeError, ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+ParameterValue = Union[float, int, bool, None]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+
+class Scope(enum.Enum):
+    SHARED = "shared"  # one value per output tensor
+    INPUT = "input"  # one value per input model, the base included
+    NON_BASE = "non_base"  # one value per input model other than the base
+
+
+class BasePolicy(enum.Enum):
+    REQUIRED = "required"
+    OPTIONAL = "optional"
+    IGNORED = "ignored"  # the base, if listed among the models, is an input like any other
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """A method parameter as spelled in mergekit recipes."""
+
+    name: str
+    kind: type  # float, int or bool
+    scope: Scope
+    default: ParameterValue | _Required = REQUIRED
+    minimum: float | None = None
+    maximum: float | None = None
+    help: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def validate(self, value: object, *, where: str) -> ParameterValue:
+        """Coerce ``value`` to the parameter's kind and check its range (ConfigError naming ``where``)."""
+        if value is None and self.default is None:
+            return None
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                return value.lower() == "true"
+            if isinstance(value, (int, float)) and value in (0, 1):
+                return bool(value)
+            raise ConfigError(f"parameter {self.name!r} must be true or false, got {value!r}", where=where)
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"parameter {self.name!r} must be a number, got {value!r}", where=where)
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"parameter {self.name!r} must be a number, got {value!r}", where=where) from None
+        if number != number:
+            raise ConfigError(f"parameter {self.name!r} is NaN", where=where)
+        if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
+            low = "-inf" if self.minimum is None else f"{self.minimum:g}"
+            high = "inf" if self.maximum is None else f"{self.maximum:g}"
+            raise ConfigError(f"parameter {self.name!r} = {number:g} is outside [{low}, {high}]", where=where)
+        if self.kind is int:
+            if number != int(number):
+                raise ConfigError(f"parameter {self.name!r} must be a whole number, got {value!r}", where=where)
+            return int(number)
+        return number
+
+
+@dataclass(frozen=True)
+class MergeTask:
+    """Everything a method needs to produce one output tensor.
+
+    ``inputs`` holds one tensor per input model in recipe order (the base included when the method uses a
+    base; ``base_index`` points at it), already in the compute dtype. ``model_params`` is parallel to
+    ``inputs``: the resolved per-model parameters (empty for the base when a parameter is ``NON_BASE``).
+    ``generator`` is this tensor's own random generator (seeded from the seed and the tensor's name), given
+    to random methods only.
+    """
+
+    name: str
+    inputs: list["torch.Tensor"]
+    model_params: list[dict[str, ParameterValue]]
+    params: dict[str, ParameterValue]
+    base_index: int | None = None
+    generator: "torch.Generator | None" = None
+
+    @property
+    def base(self) -> "torch.Tensor":
+        if self.base_index is None:
+            raise ComputeError("this method needs a base model", where=self.name)
+        return self.inputs[self.base_index]
+
+    def non_base(self) -> list[tuple["torch.Tensor", dict[str, ParameterValue]]]:
+        """(tensor, parameters) of every input other than the base, in recipe order."""
+        return [(t, p) for i, (t, p) in enumerate(zip(self.inputs, self.model_params)) if i != self.base_index]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A named merge method: its declaration and the function that computes one tensor."""
+
+    name: str
+    function: Callable[[MergeTask], "torch.Tensor"]
+    parameters: tuple[ParameterSpec, ...] = ()
+    base: BasePolicy = BasePolicy.IGNORED
+    min_inputs: int = 1
+    max_inputs: int | None = None
+    min_non_base: int = 0
+    max_non_base: int | None = None
+    random: bool = False
+    description: str = ""
+    reference: str = ""
+    extra_checks: tuple[Callable[[dict[str, ParameterValue], list[dict[str, ParameterValue]], str], None], ...] = \
+        field(default=())
+
+    def parameter(self, name: str) -> ParameterSpec | None:
+        return next((p for p in self.parameters if p.name == name), None)
+
+    def check_inputs(self, count: int, has_base: bool, *, where: str) -> None:
+        """Refuse a number of models (or a missing base) the method cannot merge."""
+        if self.base is BasePolicy.REQUIRED and not has_base:
+            raise ConfigError(f"merge method {self.name!r} needs a base_model", where=where,
+                              fix="add `base_model:` to the recipe")
+        non_base = count - int(has_base and self.base is not BasePolicy.IGNORED)
+        for label, value, low, high in (("models", count, self.min_inputs, self.max_inputs),
+                                        ("models besides the base", non_base, self.min_non_base, self.max_non_base)):
+            if value < low or (high is not None and value > high):
+                expected = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
+                raise ConfigError(f"merge method {self.name!r} takes {expected} {label}, the recipe gives {value}",
+                                  where=where)
+
+    def merge(self, task: MergeTask) -> "torch.Tensor":
+        shapes = {tuple(t.shape) for t in task.inputs}
+        if len(shapes) > 1:
+            raise ComputeError(f"input tensors have different shapes {sorted(shapes)}", where=task.name)
+        return self.function(task)

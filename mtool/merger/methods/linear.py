@@ -1,0 +1,71 @@
+"""Element-wise combinations: linear (weighted average), passthrough (copy, optionally scaled), NearSwap."""
+
+from __future__ import annotations
+
+import torch
+
+from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope
+
+
+def linear(tensors: list[torch.Tensor], weights: list[float], *, normalize: bool = True) -> torch.Tensor:
+    """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize``."""
+    result = torch.zeros_like(tensors[0])
+    for tensor, weight in zip(tensors, weights):
+        result.add_(tensor, alpha=weight)
+    if normalize:
+        result.div_(sum(weights))
+    return result
+
+
+def linear_merge(task: MergeTask) -> torch.Tensor:
+    return linear(task.inputs, [float(p["weight"]) for p in task.model_params], normalize=bool(task.params["normalize"]))
+
+
+LINEAR = MergeMethod(
+    name="linear",
+    function=linear_merge,
+    parameters=(
+        ParameterSpec("weight", float, Scope.INPUT, help="weight of this model"),
+        ParameterSpec("normalize", bool, Scope.SHARED, True, help="divide by the sum of the weights"),
+    ),
+    description="weighted average of the models",
+    reference="https://arxiv.org/abs/2203.05482",
+)
+
+
+def passthrough_merge(task: MergeTask) -> torch.Tensor:
+    """The single input, times ``scale`` when one is given."""
+    scale = task.model_params[0].get("scale")
+    tensor = task.inputs[0]
+    return tensor.clone() if scale is None else tensor * float(scale)
+
+
+PASSTHROUGH = MergeMethod(
+    name="passthrough",
+    function=passthrough_merge,
+    parameters=(ParameterSpec("scale", float, Scope.INPUT, None, help="optional factor applied to the tensor"),),
+    max_inputs=1,
+    description="copy tensors from one model per slice (layer stacking, 'frankenmerges')",
+)
+
+
+def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
+    """Take the other model's value where it is close to the base's:
+    ``w = clamp(t / max(|base - other|, 1e-6), 0, 1)``, ``result = w * other + (1 - w) * base``."""
+    weight = (t / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
+    return weight * other + (1 - weight) * base
+
+
+def nearswap_merge(task: MergeTask) -> torch.Tensor:
+    (other, _), = task.non_base()
+    return nearswap(task.base, other, float(task.params["t"]))
+
+
+NEARSWAP = MergeMethod(
+    name="nearswap",
+    function=nearswap_merge,
+    parameters=(ParameterSpec("t", float, Scope.SHARED, help="similarity threshold"),),
+    base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
+    description="swap in the other model's values where they are within t of the base",
+    reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+)

@@ -1,0 +1,104 @@
+"""Sparsification of task vectors (deltas from the base): which entries of a delta survive.
+
+Each function returns the sparsified delta ``delta * mask``, optionally rescaled so its L1 norm matches the
+original (``rescale``):  ``out = (delta * mask) * ||delta||_1 / ||delta * mask||_1`` (unchanged when either
+norm is below 1e-7). Random masks draw only from the generator they are given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_RESCALE_EPS = 1e-7
+
+
+def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``kept * ||delta||_1 / ||kept||_1``: keep the L1 mass of the delta after masking (in place on ``kept``)."""
+    before = delta.abs().sum()
+    after = kept.abs().sum()
+    if before < _RESCALE_EPS or after < _RESCALE_EPS:
+        return kept
+    return kept.mul_(before / after)
+
+
+def _finish(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    kept = delta * mask
+    return rescale_l1(delta, kept) if rescale else kept
+
+
+def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
+    """TIES trimming: keep the ``k = max(1, floor(density * n))`` entries of largest ``|delta|``.
+
+    ``density >= 1`` keeps everything; ``density <= 0`` keeps nothing.
+    """
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    if density <= 0 or n == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * n))
+    magnitudes = delta.abs().reshape(-1)
+    # the k-th largest magnitude is the (n - k + 1)-th smallest: an O(n) selection instead of a sort
+    threshold = torch.kthvalue(magnitudes, n - k + 1).values
+    mask = (magnitudes >= threshold).reshape(delta.shape)
+    return _finish(delta, mask, rescale)
+
+
+def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``floor(gamma * n)`` largest entries (outliers) and the smallest ones so
+    that ``floor(density * n)`` entries survive.
+
+    Sorting by ``|delta|`` ascending, the survivors are ranks ``[n_bottom, n_bottom + n_keep)`` with
+    ``n_keep = floor(density * n)`` and ``n_bottom = max(0, n - n_keep - floor(gamma * n))``: when density
+    and gamma together exceed 1, fewer outliers are dropped so the density is kept.
+    """
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    n_keep = int(density * n)
+    if n_keep <= 0 or n == 0:
+        return torch.zeros_like(delta)
+    n_bottom = max(0, n - n_keep - int(gamma * n))
+    magnitudes = delta.abs().reshape(-1)
+    order = torch.argsort(magnitudes, stable=True)
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[n_bottom:n_bottom + n_keep]] = True
+    return _finish(delta, mask.reshape(delta.shape), rescale)
+
+
+def bernoulli(delta: torch.Tensor, density: float, *, generator: torch.Generator | None,
+              rescale: bool = False) -> torch.Tensor:
+    """DARE: keep each entry independently with probability ``density``.
+
+    Random numbers are drawn on the CPU from ``generator`` so a tensor's mask depends on the seed and its
+    name only, whatever the device.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
+    mask = (draws < density).to(delta.device)
+    return _finish(delta, mask, rescale)
+
+
+def della_magprune(delta: torch.Tensor, density: float, epsilon: float, *, generator: torch.Generator | None,
+                   rescale: bool = False) -> torch.Tensor:
+    """DELLA MagPrune: keep each entry with a probability that grows with its magnitude rank in its row.
+
+    For a row with ranks ``r = 1..m`` by ``|delta|`` (ascending), ``p = (density - epsilon) + 2 * epsilon *
+    (r - 1) / (m - 1)``, so the mean keep rate is ``density``. A 1-D tensor is one row.
+    Needs ``0 < density - epsilon`` and ``density + epsilon < 1``.
+    """
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(torch.float32)  # 0-based
+    width = rows.shape[1]
+    rank_norm = ranks / (width - 1) if width > 1 else torch.zeros_like(ranks)
+    probabilities = (density - epsilon) + rank_norm * (2 * epsilon)
+    draws = torch.rand(probabilities.shape, generator=generator, dtype=torch.float32)
+    mask = (draws.to(probabilities.device) < probabilities).reshape(delta.shape)
+    return _finish(delta, mask, rescale)

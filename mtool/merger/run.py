@@ -1,0 +1,301 @@
+"""The streaming executor: read inputs, merge, write each tensor straight into its place.
+
+For each planned output tensor, in plan order: read every input tensor (positioned reads, prefetched a few
+tensors ahead by a small thread pool so disk and math overlap), apply a ``+adapter`` LoRA, round to the
+recipe's ``dtype``, upcast to the compute dtype, align vocabulary rows, run the method, refuse NaN/Inf, cast
+to the output dtype and hand the result to a writer thread. Peak memory is a few tensors, never a model.
+
+Random methods get one generator per tensor, seeded from ``sha256(f"{seed}:{tensor name}")``, so the bytes
+of the output do not depend on the order tensors are computed in, nor on the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mtool import ui
+from mtool.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    CheckpointWriter,
+    TensorSpec,
+    atomic_output_dir,
+    copy_support_files,
+    dtype_to_safetensors,
+)
+from mtool.errors import ComputeError
+from mtool.lineage import Lineage, Parent, describe_parent, hash_files, write_lineage
+from mtool.merger.methods.base import MergeTask
+from mtool.merger.plan import MergePlan, TensorPlan
+
+if TYPE_CHECKING:
+    import torch
+
+PREFETCH_TENSORS = 3
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for one tensor: the first 8 bytes of sha256("<seed>:<name>")."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class MergeOptions:
+    seed: int = 0
+    device: str = "cpu"
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    force: bool = False
+    write_card: bool = True
+
+
+def _read_inputs(plan: MergePlan, tensor: TensorPlan) -> list["torch.Tensor"]:
+    """The tensor's inputs in the compute dtype: LoRA applied, rounded to the recipe dtype, rows aligned."""
+    from mtool.merger.tokenizer import align_rows, base_rows_for
+
+    values = []
+    for source in tensor.sources:
+        value = source.model.checkpoint.read(source.tensor)
+        if source.model.adapter is not None:
+            value = source.model.adapter.apply(source.tensor, value)
+        if plan.read_dtype is not None and value.dtype != plan.read_dtype:
+            value = value.to(plan.read_dtype)
+        values.append(value.to(plan.compute_dtype))
+    if tensor.vocabulary and plan.vocabulary is not None:
+        base_rows = None
+        if tensor.base_index is not None or plan.base_reference in plan.models:
+            base_model = plan.models.get(plan.base_reference) if plan.base_reference else None
+            if base_model is not None and base_model.resolve_tensor(tensor.name):
+                base_weight = next((v for s, v in zip(tensor.sources, values) if s.model is base_model), None)
+                if base_weight is None:
+                    base_weight = base_model.checkpoint.read(base_model.resolve_tensor(tensor.name)).to(plan.compute_dtype)
+                base_rows = base_rows_for(plan.vocabulary, base_weight, base_model.reference)
+        values = align_rows(plan.vocabulary, tensor, values, base_rows)
+    return values
+
+
+def merge_tensor(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor"], seed: int,
+                 device: str = "cpu") -> "torch.Tensor":
+    """One output tensor from its (already read) inputs."""
+    import torch
+
+    if device != "cpu":
+        inputs = [value.to(device, non_blocking=True) for value in inputs]
+    generator = None
+    if plan.method.random:
+        generator = torch.Generator().manual_seed(tensor_seed(seed, tensor.name))
+    if tensor.passthrough and plan.method.name == "passthrough":
+        result = inputs[0]
+    else:
+        result = plan.method.merge(MergeTask(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
+                                             params=tensor.params, base_index=tensor.base_index, generator=generator))
+    if plan.vocabulary is not None and tensor.vocabulary and plan.vocabulary.pinned:
+        from mtool.merger.tokenizer import apply_pins
+
+        aligned = {s.model.reference: v for s, v in zip(tensor.sources, inputs)}
+        result = apply_pins(plan.vocabulary, tensor, result, aligned)
+    if result.is_floating_point() and not torch.isfinite(result).all():
+        raise ComputeError(f"the merge produced NaN or Inf values in tensor {tensor.name!r}",
+                           fix="check the inputs for NaN/Inf and the parameters (e.g. weights that sum to 0 "
+                               "with normalize)")
+    return result.to("cpu").to(tensor.out_dtype)
+
+
+def _output_config(plan: MergePlan) -> dict:
+    config = dict(plan.config_model.config)
+    if "num_hidden_layers" in config or plan.num_layers:
+        config["num_hidden_layers"] = plan.num_layers
+    names = {t.name for t in plan.tensors}
+    if "lm_head.weight" in names and config.get("tie_word_embeddings"):
+        config["tie_word_embeddings"] = False
+    if plan.vocabulary is not None:
+        config["vocab_size"] = plan.vocabulary.size
+    dtypes = {t.out_dtype for t in plan.tensors if t.out_dtype.is_floating_point}
+    if len(dtypes) == 1:
+        config["dtype"] = str(next(iter(dtypes))).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    if "layer_types" in config and isinstance(config["layer_types"], list):
+        layer_types = config["layer_types"]
+        config["layer_types"] = (layer_types * (plan.num_layers // max(1, len(layer_types)) + 1))[:plan.num_layers]
+    return config
+
+
+def _write_support_files(plan: MergePlan, folder: Path) -> None:
+    (folder / "config.json").write_text(json.dumps(_output_config(plan), indent=2) + "\n", encoding="utf-8")
+    copy_support_files(plan.config_model.checkpoint.folder, folder, config=False, tokenizer=False)
+    generation = plan.config_model.checkpoint.folder / "generation_config.json"
+    if generation.is_file():
+        (folder / "generation_config.json").write_bytes(generation.read_bytes())
+    if plan.vocabulary is not None and plan.vocabulary.added_tokens:
+        from mtool.merger.tokenizer import write_tokenizer
+
+        write_tokenizer(plan, folder)
+    elif plan.tokenizer_model is not None:
+        copy_support_files(plan.tokenizer_model.checkpoint.folder, folder, config=False, tokenizer=True)
+    template = plan.recipe.chat_template
+    if template:
+        from mtool.merger.chat_templates import resolve_chat_template
+
+        text = resolve_chat_template(template, plan)
+        (folder / "chat_template.jinja").write_text(text, encoding="utf-8")
+        tokenizer_config = folder / "tokenizer_config.json"
+        if tokenizer_config.is_file():
+            data = json.loads(tokenizer_config.read_text(encoding="utf-8"))
+            data.pop("chat_template", None)
+            tokenizer_config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+class _ParentHasher:
+    """Describes the parents (sha256 of every weight file) in a background thread during the merge."""
+
+    def __init__(self, plan: MergePlan) -> None:
+        self.plan = plan
+        self.parents: list[Parent] = []
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for reference, model in self.plan.models.items():
+                role = "base" if reference == self.plan.base_reference else "model"
+                self.parents.append(describe_parent(model.ref, role))
+                if model.adapter_ref is not None:
+                    self.parents.append(describe_parent(model.adapter_ref, "adapter"))
+        except BaseException as error:  # noqa: BLE001 - re-raised in result()
+            self.error = error
+
+    def result(self) -> list[Parent]:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.parents
+
+
+def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -> Path:
+    """Run the plan into the folder ``output`` (atomic: nothing is left behind on failure)."""
+    import torch
+
+    output = Path(output)
+    inputs = [m.checkpoint.folder for m in plan.models.values()]
+    inputs += [m.adapter_ref.path for m in plan.models.values() if m.adapter_ref is not None]
+    specs = [TensorSpec(t.name, tuple(t.shape), t.out_dtype) for t in plan.tensors]
+    total_bytes = sum(spec.nbytes for spec in specs)
+    started = time.perf_counter()
+    with atomic_output_dir(output, force=options.force, inputs=inputs) as staging:
+        hasher = _ParentHasher(plan)
+        metadata = {"mtool_merge_method": plan.method.name}
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtool-read") as readers, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtool-write") as writer_thread, \
+                CheckpointWriter(staging, specs, max_shard_bytes=options.max_shard_bytes,
+                                 metadata=metadata) as writer:
+            pending_reads: deque[tuple[TensorPlan, Future]] = deque()
+            pending_writes: deque[Future] = deque()
+            upcoming = iter(plan.tensors)
+
+            def schedule() -> None:
+                while len(pending_reads) < PREFETCH_TENSORS:
+                    tensor = next(upcoming, None)
+                    if tensor is None:
+                        return
+                    pending_reads.append((tensor, readers.submit(_read_inputs, plan, tensor)))
+
+            schedule()
+            bar = ui.progress(total=total_bytes, desc=f"merge ({plan.method.name})", unit="B", unit_scale=True)
+            with torch.inference_mode():
+                while pending_reads:
+                    tensor, future = pending_reads.popleft()
+                    values = future.result()
+                    schedule()
+                    result = merge_tensor(plan, tensor, values, options.seed, options.device)
+                    del values
+                    pending_writes.append(writer_thread.submit(writer.write, tensor.name, result))
+                    while len(pending_writes) > 2:
+                        pending_writes.popleft().result()
+                    bar.update(result.numel() * result.element_size())
+                while pending_writes:
+                    pending_writes.popleft().result()
+            bar.close()
+        _write_support_files(plan, staging)
+        record = Lineage(
+            operation="merge",
+            method=plan.method.name,
+            parents=hasher.result(),
+            recipe=plan.recipe.canonical(),
+            parameters={"dtype": plan.recipe.dtype, "out_dtype": plan.recipe.out_dtype,
+                        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+                        "num_hidden_layers": plan.num_layers},
+            seed=options.seed if plan.method.random else None,
+            outputs=hash_files(sorted(staging.glob("*.safetensors"))),
+            parameter_count=sum(_numel(spec.shape) for spec in specs),
+        )
+        write_lineage(staging, record)
+        if options.write_card:
+            _card(staging)
+    elapsed = time.perf_counter() - started
+    ui.info(f"wrote {output} ({total_bytes / 1e9:.2f} GB, {len(specs)} tensors) in {elapsed:.1f} s")
+    return output
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
+
+
+def _card(folder: Path) -> None:
+    """Write the model card when the naming package provides it."""
+    try:
+        from mtool.naming.card import write_card
+    except ImportError:
+        return
+    write_card(folder)
+
+
+def estimate_peak_bytes(plan: MergePlan) -> int:
+    """Upper estimate of the executor's working memory: the prefetched inputs of the largest tensors in the
+    compute dtype, the method's scratch (about three tensors of the largest size, times the number of
+    models for stacked methods), and the outputs waiting for the writer."""
+    compute_bytes = 8 if str(plan.compute_dtype).endswith("64") else 4
+    largest = sorted(plan.tensors, key=lambda t: _numel(t.shape) * len(t.sources), reverse=True)[:PREFETCH_TENSORS + 1]
+    if not largest:
+        return 0
+    reads = sum(_numel(t.shape) * len(t.sources) * compute_bytes for t in largest)
+    top = largest[0]
+    scratch = _numel(top.shape) * compute_bytes * (len(top.sources) + 3)
+    writes = 3 * _numel(top.shape) * 4
+    return reads + scratch + writes
+
+
+def describe_plan(plan: MergePlan) -> str:
+    """The plan as text for ``--dry-run``: outputs grouped by layer, their sources and parameters."""
+    lines = [f"merge method: {plan.method.name}; {len(plan.tensors)} output tensors, {plan.num_layers} layers; "
+             f"compute {str(plan.compute_dtype).removeprefix('torch.')}"]
+    for layer, tensors in plan.by_layer().items():
+        lines.append(f"\n{'embeddings / head / final norm' if layer is None else f'layer {layer}'}:")
+        for tensor in tensors:
+            sources = ", ".join(f"{s.model.label}:{s.tensor}" for s in tensor.sources)
+            params = dict(tensor.params)
+            per_model = [p for p in tensor.model_params if p]
+            text = f"  {tensor.name} {list(tensor.shape)} {dtype_to_safetensors(tensor.out_dtype)} <- {sources}"
+            if params:
+                text += f" | {', '.join(f'{k}={_fmt(v)}' for k, v in params.items())}"
+            if per_model:
+                text += " | " + "; ".join(", ".join(f"{k}={_fmt(v)}" for k, v in p.items()) for p in per_model)
+            lines.append(text)
+    total = sum(_numel(t.shape) * t.out_dtype.itemsize for t in plan.tensors)
+    lines.append(f"\noutput size {total / 1e9:.3f} GB; estimated peak working memory "
+                 f"{estimate_peak_bytes(plan) / 2**20:.0f} MiB")
+    return "\n".join(lines)
+
+
+def _fmt(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
