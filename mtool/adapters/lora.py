@@ -1,26 +1,36 @@
-"""Reading a PEFT LoRA adapter folder and applying it to base tensors one at a time.
+"""Reading a PEFT LoRA adapter folder into typed per-module factors, and applying it to base tensors.
 
-PEFT stores, for each adapted module ``M`` of the base, ``base_model.model.M.lora_A.weight`` (r x in) and
-``base_model.model.M.lora_B.weight`` (out x r) — embeddings use ``lora_embedding_A`` (r x vocab) and
-``lora_embedding_B`` (dim x r) — plus ``lora_magnitude_vector`` for DoRA, and full copies of the
-``modules_to_save``. The merged weight of ``M.weight`` is
+A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. For each adapted module
+``M`` of the base (``model.layers.0.self_attn.q_proj``) the weights file has
 
-    W' = W + s * B @ A                  (transposed for fan_in_fan_out layers and for embeddings)
-    W' = m / ||W + s * B @ A||_row * (W + s * B @ A)       (DoRA: m per output row)
+* ``base_model.model.M.lora_A.weight`` (r x in) and ``base_model.model.M.lora_B.weight`` (out x r);
+  embeddings use ``base_model.model.M.lora_embedding_A`` (r x vocab) / ``lora_embedding_B`` (dim x r);
+* ``base_model.model.M.lora_magnitude_vector`` (DoRA, one value per output feature);
+* ``base_model.model.M.lora_B.bias`` (``lora_bias=True``), added to ``M.bias`` times the scale;
 
-with ``s = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA), ``r`` and ``alpha`` taken from ``rank_pattern`` /
-``alpha_pattern`` where a pattern matches the module. Everything is computed in float32.
+plus, for ``modules_to_save``, a full copy of the module's tensors under ``base_model.model.M.weight``;
+for ``trainable_token_indices``, ``base_model.model.M.token_adapter.trainable_tokens_delta`` (the new rows);
+and, when embeddings were adapted, possibly the whole base embedding as ``M.base_layer.weight`` (PEFT's
+``save_embedding_layers``: it replaces the base's tensor when PEFT loads the adapter).
+
+The base tensor a module adapts is ``M.weight``; the merged tensor is (see :mod:`mtool.adapters.lowrank`)
+
+    W' = W + s * B @ A                               (transposed for fan_in_fan_out layers and embeddings)
+    W' = m / ||W + s * B @ A|| * (W + s * B @ A)     (DoRA)
+
+with ``s = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA); ``r`` and ``alpha`` come from ``rank_pattern`` /
+``alpha_pattern`` when a pattern matches the module. Everything is computed in float32.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from mtool.adapters.lowrank import dora_weight_with_norm_of, lora_delta, lora_scale
 from mtool.checkpoint import Checkpoint, open_checkpoint
 from mtool.errors import InputError
 
@@ -28,139 +38,308 @@ if TYPE_CHECKING:
     import torch
 
 PEFT_PREFIX = "base_model.model."
-SUPPORTED_PEFT_TYPES = ("LORA",)
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Config entries of LoRA variants whose merge is not W + s*B@A (or DoRA): refused with a clear message.
+UNSUPPORTED_VARIANTS: dict[str, str] = {
+    "use_alora": "activated LoRA (aLoRA) applies only after its invocation tokens and cannot be merged",
+    "alora_invocation_tokens": "activated LoRA (aLoRA) applies only after its invocation tokens and cannot be merged",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "block-diagonal LoRA",
+    "velora_config": "VeLoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
+    "layer_replication": "layer replication (it changes the model's layer structure)",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+}
 
 
-def pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a ``rank_pattern``/``alpha_pattern`` key applies to a module whose name ends with it
-    (as a regex, at a dot boundary)."""
+def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` rule: the first key that, as a regex, matches the end of the
+    module name at a dot boundary (``re.match(rf"(.*\\.)?({key})$", module)``) gives the value."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?{pattern}$", module):
+        if re.match(rf"(.*\.)?({pattern})$", module):
             return value
     return default
 
 
 @dataclass(frozen=True)
+class LoraSettings:
+    """The parts of ``adapter_config.json`` that decide the merge."""
+
+    rank: int
+    alpha: float
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    modules_to_save: tuple[str, ...] = ()
+    target_modules: Any = None
+    trainable_token_indices: Any = None
+    base_model: str | None = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], where: str) -> "LoraSettings":
+        peft_type = str(config.get("peft_type") or "").upper()
+        if peft_type != "LORA":
+            shown = peft_type or "unknown (no peft_type)"
+            raise InputError(f"adapter type {shown} is not supported: mtool handles LoRA adapters (plain, rsLoRA, "
+                             "DoRA)", where=where, fix="merge this adapter with PEFT's merge_and_unload instead")
+        for key, description in UNSUPPORTED_VARIANTS.items():
+            if config.get(key):
+                raise InputError(f"this LoRA variant is not supported: {description} ({key} is set)", where=where)
+        rank = config.get("r", 8)
+        if not isinstance(rank, int) or rank <= 0:
+            raise InputError(f"adapter rank r = {rank!r} must be a positive integer", where=where)
+        return cls(
+            rank=rank,
+            alpha=float(config.get("lora_alpha", 8)),
+            use_rslora=bool(config.get("use_rslora")),
+            use_dora=bool(config.get("use_dora")),
+            fan_in_fan_out=bool(config.get("fan_in_fan_out")),
+            rank_pattern=dict(config.get("rank_pattern") or {}),
+            alpha_pattern=dict(config.get("alpha_pattern") or {}),
+            modules_to_save=tuple(config.get("modules_to_save") or ()),
+            target_modules=config.get("target_modules"),
+            trainable_token_indices=config.get("trainable_token_indices"),
+            base_model=config.get("base_model_name_or_path"),
+        )
+
+    def alpha_for(self, module: str) -> float:
+        return float(pattern_value(self.alpha_pattern, module, self.alpha))
+
+    def rank_for(self, module: str) -> int:
+        return int(pattern_value(self.rank_pattern, module, self.rank))
+
+
+@dataclass(frozen=True)
 class LoraModule:
-    """One adapted module: where its factors live and how to scale them."""
+    """One adapted module: where its factors live and how they combine into the base tensor ``weight_name``."""
 
     module: str  # base module name, e.g. model.layers.0.self_attn.q_proj
     key_a: str
     key_b: str
     rank: int
+    alpha: float
     scale: float
-    fan_in_fan_out: bool
+    transposed: bool  # the base tensor is (in x out): fan_in_fan_out layers and embeddings
     is_embedding: bool
     magnitude_key: str | None = None  # DoRA
+    bias_key: str | None = None  # lora_bias: lora_B.bias
 
     @property
     def weight_name(self) -> str:
         return f"{self.module}.weight"
 
+    @property
+    def bias_name(self) -> str:
+        return f"{self.module}.bias"
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude_key is not None
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Trainable tokens: rows ``indices`` of ``weight_name`` are replaced by the tensor ``key``."""
+
+    weight_name: str
+    key: str
+    indices: tuple[int, ...]
+
+
+_FACTOR_A = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_embedding_A)(?:\.[^.]+)?(?:\.weight)?$")
+
 
 class LoraAdapter:
-    """A PEFT LoRA adapter, read lazily: factors are loaded when a tensor asks for them."""
+    """A PEFT LoRA adapter, read lazily: factors are loaded from disk when a tensor asks for them.
+
+    ``targets`` maps each base tensor name the adapter changes with low-rank factors to its
+    :class:`LoraModule`; ``replacements`` maps base tensor names to adapter tensors that replace them
+    (``modules_to_save``, saved embedding layers); ``token_rows`` lists trainable-token row updates.
+    """
 
     def __init__(self, folder: str | os.PathLike) -> None:
         self.folder = Path(folder)
-        config_path = self.folder / "adapter_config.json"
+        config_path = self.folder / ADAPTER_CONFIG
+        if not self.folder.is_dir():
+            raise InputError("adapter folder not found", where=str(self.folder), fix="check the path")
         if not config_path.is_file():
-            raise InputError("not a PEFT adapter folder: adapter_config.json is missing", where=str(self.folder),
+            raise InputError(f"not a PEFT adapter folder: {ADAPTER_CONFIG} is missing", where=str(self.folder),
                              fix="point at the folder PEFT's save_pretrained wrote")
         self.checkpoint: Checkpoint = open_checkpoint(self.folder)
-        self.config: dict = self.checkpoint.read_json("adapter_config.json") or {}
-        peft_type = str(self.config.get("peft_type", "LORA")).upper()
-        if peft_type not in SUPPORTED_PEFT_TYPES:
-            raise InputError(f"adapter type {peft_type} is not supported (only LoRA, including rsLoRA and DoRA)",
-                             where=str(config_path))
-        rank = int(self.config.get("r", 8))
-        if rank <= 0:
-            raise InputError(f"adapter rank r = {rank} must be positive", where=str(config_path))
-        self.modules: dict[str, LoraModule] = {}
-        self.replacements: dict[str, str] = {}  # base tensor name -> adapter key (modules_to_save)
+        self.config: dict[str, Any] = self.checkpoint.read_json(ADAPTER_CONFIG) or {}
+        self.settings = LoraSettings.from_config(self.config, str(config_path))
+        self.targets: dict[str, LoraModule] = {}
+        self.replacements: dict[str, str] = {}
+        self.token_rows: dict[str, TokenRows] = {}
         self._index_tensors()
+        if not self.targets and not self.replacements and not self.token_rows:
+            raise InputError("the adapter has no LoRA tensors", where=str(self.folder))
+
+    # -- reading the folder -------------------------------------------------------------------------
+
+    def _index_tensors(self) -> None:
+        names = self.checkpoint.names
+        for key in names:
+            if not key.startswith(PEFT_PREFIX):
+                raise InputError(f"unexpected tensor {key!r} in a PEFT adapter (PEFT names start with "
+                                 f"{PEFT_PREFIX!r})", where=str(self.folder))
+        for key in names:
+            name = key[len(PEFT_PREFIX):]
+            match = _FACTOR_A.match(name)
+            if match:
+                self._add_module(key, match.group("module"), embedding=match.group("kind") == "lora_embedding_A")
+            elif ".token_adapter.trainable_tokens_delta" in name:
+                module = name.split(".token_adapter.")[0]
+                self.token_rows[f"{module}.weight"] = TokenRows(f"{module}.weight", key, self._token_indices(module))
+            elif ".lora_" in name:
+                continue  # B factors, magnitudes and biases are found from their A factor
+            else:  # a modules_to_save copy or a saved embedding layer: a full replacement of a base tensor
+                base_name = name.replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
+                self.replacements[base_name] = key
+
+    def _add_module(self, key_a: str, module: str, *, embedding: bool) -> None:
+        key_b = key_a.replace("lora_embedding_A", "lora_embedding_B") if embedding else key_a.replace(".lora_A", ".lora_B")
+        if key_b not in self.checkpoint:
+            raise InputError(f"adapter tensor {key_a} has no matching B factor {key_b}", where=str(self.folder))
+        info_a, info_b = self.checkpoint.info(key_a), self.checkpoint.info(key_b)
+        if len(info_a.shape) != 2 or len(info_b.shape) != 2:
+            raise InputError(f"LoRA on convolution layers is not supported ({key_a} has shape {list(info_a.shape)})",
+                             where=str(self.folder))
+        rank = info_a.shape[0]
+        if info_b.shape[1] != rank:
+            raise InputError(f"LoRA factors of {module} disagree: A is {list(info_a.shape)}, B is {list(info_b.shape)}",
+                             where=str(self.folder))
+        if rank <= 0:
+            raise InputError(f"LoRA rank of {module} is {rank}", where=str(self.folder))
+        alpha = self.settings.alpha_for(module)
+        prefix = f"{PEFT_PREFIX}{module}."
+        magnitude = next((k for k in (f"{prefix}lora_magnitude_vector", f"{prefix}lora_magnitude_vector.weight")
+                          if k in self.checkpoint), None)
+        bias = f"{prefix}lora_B.bias" if f"{prefix}lora_B.bias" in self.checkpoint else None
+        self.targets[f"{module}.weight"] = LoraModule(
+            module=module, key_a=key_a, key_b=key_b, rank=rank, alpha=alpha,
+            scale=lora_scale(alpha, rank, rslora=self.settings.use_rslora),
+            transposed=embedding or self.settings.fan_in_fan_out, is_embedding=embedding,
+            magnitude_key=magnitude, bias_key=bias)
+
+    def _token_indices(self, module: str) -> tuple[int, ...]:
+        indices = self.settings.trainable_token_indices
+        if isinstance(indices, dict):
+            indices = pattern_value(indices, module, None)
+        if not isinstance(indices, list):
+            raise InputError(f"trainable tokens of {module} have no indices in {ADAPTER_CONFIG}", where=str(self.folder))
+        return tuple(int(i) for i in indices)
+
+    # -- what the adapter changes --------------------------------------------------------------------
 
     @property
     def base_model_id(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
+        return self.settings.base_model
 
     @property
     def use_dora(self) -> bool:
-        return bool(self.config.get("use_dora"))
+        return any(module.is_dora for module in self.targets.values())
 
-    def _index_tensors(self) -> None:
-        config = self.config
-        default_rank = int(config.get("r", 8))
-        default_alpha = float(config.get("lora_alpha", default_rank))
-        for key in self.checkpoint.names:
-            if not key.startswith(PEFT_PREFIX):
-                continue
-            name = key[len(PEFT_PREFIX):]
-            match = re.match(r"^(.*)\.(lora_A|lora_embedding_A)(?:\.[^.]+)?\.weight$", name) or \
-                re.match(r"^(.*)\.(lora_A|lora_embedding_A)(?:\.weight)?$", name)
-            if match:
-                module, kind = match.group(1), match.group(2)
-                embedding = kind == "lora_embedding_A"
-                key_b = key.replace("lora_embedding_A" if embedding else "lora_A",
-                                    "lora_embedding_B" if embedding else "lora_B")
-                if key_b not in self.checkpoint:
-                    raise InputError(f"adapter tensor {key} has no matching B factor", where=str(self.folder))
-                rank = int(pattern_value(config.get("rank_pattern"), module, default_rank))
-                alpha = float(pattern_value(config.get("alpha_pattern"), module, default_alpha))
-                actual_rank = self.checkpoint.info(key).shape[0]
-                if actual_rank != rank:
-                    rank = actual_rank
-                scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-                magnitude = next((k for k in (f"{PEFT_PREFIX}{module}.lora_magnitude_vector",
-                                              f"{PEFT_PREFIX}{module}.lora_magnitude_vector.weight")
-                                  if k in self.checkpoint), None)
-                self.modules[f"{module}.weight"] = LoraModule(
-                    module=module, key_a=key, key_b=key_b, rank=rank, scale=scale,
-                    fan_in_fan_out=bool(config.get("fan_in_fan_out")) and not embedding,
-                    is_embedding=embedding, magnitude_key=magnitude)
-            elif "lora_" not in name:
-                # a modules_to_save copy, stored under the base module's own name
-                self.replacements[name.replace(".modules_to_save.default", "")] = key
+    @property
+    def bias_updates(self) -> dict[str, LoraModule]:
+        """Base bias name -> the module whose ``lora_B.bias`` (times the scale) is added to it."""
+        return {module.bias_name: module for module in self.targets.values() if module.bias_key}
+
+    def changed_tensors(self) -> set[str]:
+        """Every base tensor name this adapter changes."""
+        return set(self.targets) | set(self.replacements) | set(self.token_rows) | set(self.bias_updates)
 
     def touches(self, name: str) -> bool:
-        return name in self.modules or name in self.replacements
+        return name in self.changed_tensors()
 
-    def delta(self, name: str) -> "torch.Tensor | None":
-        """``s * B @ A`` in float32, laid out like the base tensor ``name`` (None if not adapted)."""
-        module = self.modules.get(name)
-        if module is None:
-            return None
-        a = self.checkpoint.read(module.key_a).float()
-        b = self.checkpoint.read(module.key_b).float()
-        product = b @ a
-        if module.fan_in_fan_out or module.is_embedding:
-            product = product.T
-        return product.mul_(module.scale)
+    # -- tensors ---------------------------------------------------------------------------------------
 
-    def apply(self, name: str, weight: "torch.Tensor") -> "torch.Tensor":
-        """The merged float32 tensor ``name`` given the base's ``weight`` (any dtype)."""
-        if name in self.replacements:
-            replacement = self.checkpoint.read(self.replacements[name]).float()
-            if tuple(replacement.shape) != tuple(weight.shape):
-                raise InputError(f"modules_to_save tensor {name} is {tuple(replacement.shape)} but the base's is "
-                                 f"{tuple(weight.shape)}", where=str(self.folder))
-            return replacement
-        delta = self.delta(name)
-        if delta is None:
-            return weight.float()
-        if tuple(delta.shape) != tuple(weight.shape):
-            raise InputError(f"the adapter does not fit this base: {name} is {tuple(weight.shape)} in the base but the "
-                             f"adapter's update is {tuple(delta.shape)}", where=str(self.folder),
+    def factors(self, name: str) -> tuple["torch.Tensor", "torch.Tensor"]:
+        """``(A, B)`` of the module adapting base tensor ``name``, as stored (r x in, out x r), float32."""
+        module = self.targets[name]
+        return self.checkpoint.read(module.key_a).float(), self.checkpoint.read(module.key_b).float()
+
+    def delta_for(self, name: str) -> "torch.Tensor | None":
+        """The low-rank update ``s * B @ A`` of base tensor ``name`` in float32, laid out like that tensor; for a
+        bias, ``s * lora_B.bias``. None when the adapter has no low-rank update for ``name``.
+
+        For DoRA modules the merged tensor also depends on the base weight: use :meth:`apply`.
+        """
+        module = self.targets.get(name)
+        if module is not None:
+            a, b = self.factors(name)
+            return lora_delta(a, b, module.scale, transposed=module.transposed)
+        module = self.bias_updates.get(name)
+        if module is not None:
+            return self.checkpoint.read(module.bias_key).float().mul_(module.scale)
+        return None
+
+    def replacement_for(self, name: str) -> "torch.Tensor | None":
+        """The adapter's full copy of base tensor ``name`` (``modules_to_save`` / saved embeddings), or None."""
+        key = self.replacements.get(name)
+        return None if key is None else self.checkpoint.read(key)
+
+    def apply(self, name: str, weight: "torch.Tensor", *, strength: float = 1.0,
+              original: "torch.Tensor | None" = None) -> "torch.Tensor":
+        """The float32 tensor ``name`` after this adapter, given the base's ``weight`` (any dtype).
+
+        Order as PEFT loads and merges: a replacement (``modules_to_save``, a saved embedding layer) takes the
+        base tensor's place, then the low-rank update is added (``strength`` multiplies it), DoRA rescales, and
+        trainable-token rows are written. ``original`` is the unmerged base for DoRA's norm when ``weight``
+        already holds earlier adapters (defaults to ``weight``).
+        """
+        weight = weight.float()
+        replacement = self.replacement_for(name)
+        if replacement is not None:
+            self._check_shape(name, tuple(weight.shape), tuple(replacement.shape), "full copy")
+            weight = replacement.float()
+            original = weight
+        delta = self.delta_for(name)
+        if delta is not None:
+            self._check_shape(name, tuple(weight.shape), tuple(delta.shape), "update")
+            if strength != 1.0:
+                delta = delta.mul_(strength)
+            module = self.targets.get(name)
+            if module is not None and module.is_dora:
+                magnitude = self.checkpoint.read(module.magnitude_key)
+                weight = dora_weight_with_norm_of(weight, weight if original is None else original, delta, magnitude,
+                                                  transposed=module.transposed)
+            else:
+                weight = weight + delta
+        rows = self.token_rows.get(name)
+        if rows is not None:
+            import torch
+
+            values = self.checkpoint.read(rows.key).float()
+            weight = weight.index_copy(0, torch.tensor(rows.indices, dtype=torch.long), values)
+        return weight
+
+    def _check_shape(self, name: str, base_shape: tuple, adapter_shape: tuple, what: str) -> None:
+        if base_shape != adapter_shape:
+            raise InputError(f"the adapter does not fit this base: {name} is {list(base_shape)} in the base but the "
+                             f"adapter's {what} is {list(adapter_shape)}", where=str(self.folder),
                              fix="use the base model the adapter was trained on")
-        merged = weight.float() + delta
-        module = self.modules[name]
-        if module.magnitude_key is not None:
-            magnitude = self.checkpoint.read(module.magnitude_key).float()
-            norm = merged.norm(p=2, dim=0 if module.fan_in_fan_out else 1)
-            scale = magnitude / norm
-            merged = merged * (scale.view(1, -1) if module.fan_in_fan_out else scale.view(-1, 1))
-        return merged
+
+    def expected_shape(self, name: str) -> tuple[int, ...] | None:
+        """The base shape of ``name`` the adapter implies, read from the headers only (None if it does not say)."""
+        module = self.targets.get(name)
+        if module is not None:
+            a, b = self.checkpoint.info(module.key_a).shape, self.checkpoint.info(module.key_b).shape
+            out_features, in_features = b[0], a[1]
+            return (in_features, out_features) if module.transposed else (out_features, in_features)
+        if name in self.replacements:
+            return tuple(self.checkpoint.info(self.replacements[name]).shape)
+        module = self.bias_updates.get(name)
+        if module is not None:
+            return tuple(self.checkpoint.info(module.bias_key).shape)
+        return None
 
 
 def load_lora(folder: str | os.PathLike) -> LoraAdapter:
+    """Open a PEFT LoRA adapter folder (raises :class:`InputError` with a clear message when it is not one)."""
     return LoraAdapter(folder)
