@@ -419,14 +419,15 @@ def plan_shards(specs: Sequence[TensorSpec], max_shard_bytes: int) -> list[list[
     return shards
 
 
-def _safetensors_layout(specs: Sequence[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+def _safetensors_layout(specs: Sequence[TensorSpec], metadata: dict[str, str],
+                        keep_order: bool = False) -> tuple[bytes, dict[str, int]]:
     """The header bytes of one shard and each tensor's offset relative to the data start.
 
-    Same layout as safetensors' own writer: tensors sorted by dtype rank (descending) then name,
-    packed without gaps; compact JSON with ``__metadata__`` first; header padded with spaces to a
-    multiple of 8 bytes.
+    By default the same layout as safetensors' own writer: tensors sorted by dtype rank (descending) then
+    name, packed without gaps; compact JSON with ``__metadata__`` first; header padded with spaces to a
+    multiple of 8 bytes. ``keep_order`` lays the tensors out in the announced order instead.
     """
-    ordered = sorted(specs, key=lambda s: (-_DTYPE_RANK[s.dtype_name], s.name))
+    ordered = list(specs) if keep_order else sorted(specs, key=lambda s: (-_DTYPE_RANK[s.dtype_name], s.name))
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
@@ -450,11 +451,15 @@ class CheckpointWriter:
     :meth:`close` checks that every tensor arrived and writes ``<stem>.safetensors.index.json`` when
     there is more than one shard. Shards are named like transformers names them:
     ``model.safetensors`` or ``model-00001-of-00003.safetensors``.
+
+    ``in_order=True`` lays tensors out in the announced order; when they are then also written in that
+    order, each shard's sha256 is computed on the way (:attr:`digests`), so the output need not be read
+    back to be hashed.
     """
 
     def __init__(self, folder: str | os.PathLike, specs: Sequence[TensorSpec], *,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, file_stem: str = "model",
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, in_order: bool = False) -> None:
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
             duplicate = next(n for n in names if names.count(n) > 1)
@@ -468,16 +473,20 @@ class CheckpointWriter:
         self._where: dict[str, tuple[int, TensorSpec]] = {}
         self._fds: list[int] = []
         self._written: set[str] = set()
+        self._hashers: list["hashlib._Hash | None"] = []  # None once a shard's writes leave the file order
+        self._hashed_to: list[int] = []
         for number, group in enumerate(groups, start=1):
             filename = f"{file_stem}.safetensors" if count == 1 else f"{file_stem}-{number:05d}-of-{count:05d}.safetensors"
             shard = _Shard(self.folder / filename, list(group))
-            header, relative = _safetensors_layout(group, self.metadata)
+            header, relative = _safetensors_layout(group, self.metadata, keep_order=in_order)
             shard.offsets = {name: len(header) + offset for name, offset in relative.items()}
             shard.size = len(header) + sum(spec.nbytes for spec in group)
             fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
             _pwrite_all(fd, memoryview(header), 0)
             os.ftruncate(fd, shard.size)
+            self._hashers.append(hashlib.sha256(header) if in_order else None)
+            self._hashed_to.append(len(header))
             for spec in group:
                 self._where[spec.name] = (len(self._shards), spec)
             self._shards.append(shard)
@@ -500,9 +509,22 @@ class CheckpointWriter:
                                   f"{tuple(spec.shape)} {spec.dtype}")
         shard = self._shards[shard_number]
         if spec.nbytes:
-            data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-            _pwrite_all(self._fds[shard_number], memoryview(data).cast("B"), shard.offsets[name])
+            data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+            offset = shard.offsets[name]
+            _pwrite_all(self._fds[shard_number], data, offset)
+            hasher = self._hashers[shard_number]
+            if hasher is not None and offset == self._hashed_to[shard_number]:
+                hasher.update(data)
+                self._hashed_to[shard_number] += spec.nbytes
+            else:
+                self._hashers[shard_number] = None
         self._written.add(name)
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """``{file name: sha256}`` of the shards hashed while writing (complete only after every write)."""
+        return {shard.path.name: hasher.hexdigest() for shard, hasher, done in
+                zip(self._shards, self._hashers, self._hashed_to) if hasher is not None and done == shard.size}
 
     def close(self) -> list[Path]:
         """Finish: every announced tensor must have been written. Returns the weight files."""

@@ -40,6 +40,16 @@ if TYPE_CHECKING:
     import torch
 
 PREFETCH_TENSORS = 3
+ELEMENTWISE_CHUNK = 1 << 18  # elements: a few such float32 chunks stay in a core's cache
+PREFETCH_BYTES = 256 * 2**20
+
+
+def _input_bytes(tensor: TensorPlan) -> int:
+    """Bytes the inputs of ``tensor`` may occupy once read (4 bytes an element at most)."""
+    count = 1
+    for size in tensor.shape:
+        count *= size
+    return 4 * count * len(tensor.sources)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -57,7 +67,7 @@ class MergeOptions:
 
 
 def _read_inputs(plan: MergePlan, tensor: TensorPlan) -> list["torch.Tensor"]:
-    """The tensor's inputs in the compute dtype: LoRA applied, rounded to the recipe dtype, rows aligned."""
+    """The tensor's inputs: LoRA applied, rounded to the recipe dtype, rows aligned (not yet upcast)."""
     from mtool.merger.tokenizer import align_rows, base_rows_for
 
     values = []
@@ -67,7 +77,7 @@ def _read_inputs(plan: MergePlan, tensor: TensorPlan) -> list["torch.Tensor"]:
             value = source.model.adapter.apply(source.tensor, value)
         if plan.read_dtype is not None and value.dtype != plan.read_dtype:
             value = value.to(plan.read_dtype)
-        values.append(value.to(plan.compute_dtype))
+        values.append(value)
     if tensor.vocabulary and plan.vocabulary is not None:
         base_rows = None
         if tensor.base_index is not None or plan.base_reference in plan.models:
@@ -75,7 +85,7 @@ def _read_inputs(plan: MergePlan, tensor: TensorPlan) -> list["torch.Tensor"]:
             if base_model is not None and base_model.resolve_tensor(tensor.name):
                 base_weight = next((v for s, v in zip(tensor.sources, values) if s.model is base_model), None)
                 if base_weight is None:
-                    base_weight = base_model.checkpoint.read(base_model.resolve_tensor(tensor.name)).to(plan.compute_dtype)
+                    base_weight = base_model.checkpoint.read(base_model.resolve_tensor(tensor.name))
                 base_rows = base_rows_for(plan.vocabulary, base_weight, base_model.reference)
         values = align_rows(plan.vocabulary, tensor, values, base_rows)
     return values
@@ -83,29 +93,56 @@ def _read_inputs(plan: MergePlan, tensor: TensorPlan) -> list["torch.Tensor"]:
 
 def merge_tensor(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor"], seed: int,
                  device: str = "cpu") -> "torch.Tensor":
-    """One output tensor from its (already read) inputs."""
+    """One output tensor from its (already read) inputs, in the output dtype, on the CPU.
+
+    Element-wise methods run over cache-sized chunks: each chunk of the inputs is upcast, merged and cast
+    to the output dtype while it is still in cache, so a tensor costs one pass over memory instead of one
+    per operation. The other methods see whole tensors in the compute dtype.
+    """
     import torch
 
-    if device != "cpu":
-        inputs = [value.to(device, non_blocking=True) for value in inputs]
+    if tensor.passthrough and plan.method.name == "passthrough":
+        return _checked(tensor, inputs[0].to(plan.compute_dtype)).to(tensor.out_dtype)
+    if plan.method.elementwise and device == "cpu" and not tensor.vocabulary:
+        return _merge_in_chunks(plan, tensor, inputs)
+    inputs = [value.to(device=device, dtype=plan.compute_dtype) for value in inputs]
     generator = None
     if plan.method.random:
         generator = torch.Generator().manual_seed(tensor_seed(seed, tensor.name))
-    if tensor.passthrough and plan.method.name == "passthrough":
-        result = inputs[0]
-    else:
-        result = plan.method.merge(MergeTask(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
-                                             params=tensor.params, base_index=tensor.base_index, generator=generator))
+    result = plan.method.merge(MergeTask(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
+                                         params=tensor.params, base_index=tensor.base_index, generator=generator))
     if plan.vocabulary is not None and tensor.vocabulary and plan.vocabulary.pinned:
         from mtool.merger.tokenizer import apply_pins
 
         aligned = {s.model.reference: v for s, v in zip(tensor.sources, inputs)}
         result = apply_pins(plan.vocabulary, tensor, result, aligned)
-    if result.is_floating_point() and not torch.isfinite(result).all():
+    return _checked(tensor, result).to("cpu").to(tensor.out_dtype)
+
+
+def _merge_in_chunks(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor"]) -> "torch.Tensor":
+    import torch
+
+    output = torch.empty(tensor.shape, dtype=tensor.out_dtype)
+    flat_output = output.reshape(-1)
+    flat_inputs = [value.reshape(-1) for value in inputs]
+    for start in range(0, flat_output.numel(), ELEMENTWISE_CHUNK):
+        end = start + ELEMENTWISE_CHUNK
+        chunk = [value[start:end].to(plan.compute_dtype) for value in flat_inputs]
+        merged = plan.method.merge(MergeTask(name=tensor.name, inputs=chunk, model_params=tensor.model_params,
+                                             params=tensor.params, base_index=tensor.base_index))
+        flat_output[start:end].copy_(_checked(tensor, merged))
+    return output
+
+
+def _checked(tensor: TensorPlan, result: "torch.Tensor") -> "torch.Tensor":
+    """Refuse NaN/Inf: one reduction first (any NaN or Inf makes the sum non-finite), the full test only then."""
+    import torch
+
+    if result.is_floating_point() and not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
         raise ComputeError(f"the merge produced NaN or Inf values in tensor {tensor.name!r}",
                            fix="check the inputs for NaN/Inf and the parameters (e.g. weights that sum to 0 "
                                "with normalize)")
-    return result.to("cpu").to(tensor.out_dtype)
+    return result
 
 
 def _output_config(plan: MergePlan) -> dict:
@@ -184,6 +221,9 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -
     import torch
 
     output = Path(output)
+    # One thread of math: the other cores read, write and hash in parallel, and small element-wise chunks
+    # do not pay for waking a thread team on every operation.
+    torch.set_num_threads(1)
     inputs = [m.checkpoint.folder for m in plan.models.values()]
     inputs += [m.adapter_ref.path for m in plan.models.values() if m.adapter_ref is not None]
     specs = [TensorSpec(t.name, tuple(t.shape), t.out_dtype) for t in plan.tensors]
@@ -195,17 +235,26 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtool-read") as readers, \
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtool-write") as writer_thread, \
                 CheckpointWriter(staging, specs, max_shard_bytes=options.max_shard_bytes,
-                                 metadata=metadata) as writer:
+                                 metadata=metadata, in_order=True) as writer:
             pending_reads: deque[tuple[TensorPlan, Future]] = deque()
             pending_writes: deque[Future] = deque()
             upcoming = iter(plan.tensors)
 
             def schedule() -> None:
+                """Read ahead up to PREFETCH_TENSORS tensors, but no more than PREFETCH_BYTES at once."""
                 while len(pending_reads) < PREFETCH_TENSORS:
-                    tensor = next(upcoming, None)
-                    if tensor is None:
+                    if not waiting:
+                        following = next(upcoming, None)
+                        if following is None:
+                            return
+                        waiting.append(following)
+                    pending_bytes = sum(_input_bytes(t) for t, _ in pending_reads)
+                    if pending_reads and pending_bytes + _input_bytes(waiting[0]) > PREFETCH_BYTES:
                         return
+                    tensor = waiting.pop()
                     pending_reads.append((tensor, readers.submit(_read_inputs, plan, tensor)))
+
+            waiting: list[TensorPlan] = []
 
             schedule()
             bar = ui.progress(total=total_bytes, desc=f"merge ({plan.method.name})", unit="B", unit_scale=True)
@@ -223,6 +272,7 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -
                 while pending_writes:
                     pending_writes.popleft().result()
             bar.close()
+        digests = writer.digests
         _write_support_files(plan, staging)
         record = Lineage(
             operation="merge",
@@ -233,7 +283,8 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -
                         "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
                         "num_hidden_layers": plan.num_layers},
             seed=options.seed if plan.method.random else None,
-            outputs=hash_files(sorted(staging.glob("*.safetensors"))),
+            outputs={**hash_files(f for f in sorted(staging.glob("*.safetensors")) if f.name not in digests),
+                     **digests},
             parameter_count=sum(_numel(spec.shape) for spec in specs),
         )
         write_lineage(staging, record)

@@ -139,6 +139,7 @@ class MergeMethod:
     min_non_base: int = 0
     max_non_base: int | None = None
     random: bool = False
+    elementwise: bool = False  # each output entry depends only on the same entry of the inputs
     description: str = ""
     reference: str = ""
     extra_checks: tuple[Callable[[dict[str, ParameterValue], list[dict[str, ParameterValue]], str], None], ...] = \

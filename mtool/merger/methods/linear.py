@@ -9,8 +9,8 @@ from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, Parame
 
 def linear(tensors: list[torch.Tensor], weights: list[float], *, normalize: bool = True) -> torch.Tensor:
     """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize``."""
-    result = torch.zeros_like(tensors[0])
-    for tensor, weight in zip(tensors, weights):
+    result = tensors[0] * weights[0]
+    for tensor, weight in zip(tensors[1:], weights[1:]):
         result.add_(tensor, alpha=weight)
     if normalize:
         result.div_(sum(weights))
@@ -28,6 +28,7 @@ LINEAR = MergeMethod(
         ParameterSpec("weight", float, Scope.INPUT, help="weight of this model"),
         ParameterSpec("normalize", bool, Scope.SHARED, True, help="divide by the sum of the weights"),
     ),
+    elementwise=True,
     description="weighted average of the models",
     reference="https://arxiv.org/abs/2203.05482",
 )
@@ -44,7 +45,7 @@ PASSTHROUGH = MergeMethod(
     name="passthrough",
     function=passthrough_merge,
     parameters=(ParameterSpec("scale", float, Scope.INPUT, None, help="optional factor applied to the tensor"),),
-    max_inputs=1,
+    max_inputs=1, elementwise=True,
     description="copy tensors from one model per slice (layer stacking, 'frankenmerges')",
 )
 
@@ -65,7 +66,7 @@ NEARSWAP = MergeMethod(
     name="nearswap",
     function=nearswap_merge,
     parameters=(ParameterSpec("t", float, Scope.SHARED, help="similarity threshold"),),
-    base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
+    base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, elementwise=True,
     description="swap in the other model's values where they are within t of the base",
     reference="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
 )

@@ -124,12 +124,14 @@ def _family_member(name: str, sparsification: Sparsification, consensus: bool, n
         parameters.append(ParameterSpec("epsilon", float, Scope.NON_BASE, 0.15, 0.0, 1.0,
                                         "spread of keep probabilities around density"))
     options = TaskVectorOptions(sparsification, consensus)
+    elementwise = sparsification is Sparsification.NONE and not consensus
     return MergeMethod(
         name=name,
         function=partial(task_vector_merge, options=options),
         parameters=tuple(parameters),
         base=BasePolicy.REQUIRED,
         random=sparsification in (Sparsification.RANDOM, Sparsification.DELLA),
+        elementwise=elementwise,
         description=description,
         reference=reference,
         extra_checks=(_della_window_check,) if sparsification is Sparsification.DELLA else (),
