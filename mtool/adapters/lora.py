@@ -311,13 +311,20 @@ class LoraAdapter:
                                                   transposed=module.transposed)
             else:
                 weight = weight + delta
-        rows = self.token_rows.get(name)
-        if rows is not None:
-            import torch
+        return self.write_token_rows(name, weight)
 
-            values = self.checkpoint.read(rows.key).float()
-            weight = weight.index_copy(0, torch.tensor(rows.indices, dtype=torch.long), values)
-        return weight
+    def write_token_rows(self, name: str, weight: "torch.Tensor", *, rows_of: str | None = None) -> "torch.Tensor":
+        """``weight`` with the trainable-token rows of ``rows_of`` (default ``name``) written in (float32)."""
+        rows = self.token_rows.get(rows_of or name)
+        if rows is None:
+            return weight
+        import torch
+
+        if max(rows.indices) >= weight.shape[0]:
+            raise InputError(f"trainable token index {max(rows.indices)} is outside {name} ({weight.shape[0]} rows)",
+                             where=str(self.folder), fix="use the base model the adapter was trained on")
+        values = self.checkpoint.read(rows.key).float()
+        return weight.float().index_copy(0, torch.tensor(rows.indices, dtype=torch.long), values)
 
     def _check_shape(self, name: str, base_shape: tuple, adapter_shape: tuple, what: str) -> None:
         if base_shape != adapter_shape:

@@ -1,0 +1,124 @@
+"""``mtool adapters ...``: inspect, merge, combine, extract and resize PEFT LoRA adapters.
+
+Only click and light mtool modules are imported here; torch, peft and bitsandbytes are imported by the
+functions a command calls.
+"""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from mtool.ui import info
+
+DTYPE_CHOICES = ("bfloat16", "float16", "float32")
+
+
+def parse_weights(values: tuple[str, ...]) -> tuple[float, ...] | None:
+    """``--weights 0.7,0.3`` (or repeated ``--weights``) -> (0.7, 0.3)."""
+    parts = [part for value in values for part in value.replace(",", " ").split()]
+    if not parts:
+        return None
+    try:
+        return tuple(float(part) for part in parts)
+    except ValueError:
+        raise click.BadParameter(f"{' '.join(values)!r} is not a list of numbers like 0.7,0.3",
+                                 param_hint="--weights") from None
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    from mtool.checkpoint import parse_dtype
+
+    return parse_dtype(name)
+
+
+def _positive_rank(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
+    if value is not None and value <= 0:
+        raise click.BadParameter(f"the rank must be a positive integer, got {value}")
+    return value
+
+
+weights_option = click.option(
+    "--weights", multiple=True, metavar="W1,W2,...",
+    help="One weight per adapter, in order (comma-separated or repeated). Default: 1 each.")
+force_option = click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+
+
+@click.group()
+def adapters() -> None:
+    """Inspect, merge, combine, extract and resize PEFT LoRA adapters (plain LoRA, rsLoRA, DoRA)."""
+
+
+@adapters.command("inspect")
+@click.argument("adapter")
+@click.option("--base", help="A base model to check the adapter against: every target's shape is compared.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON (stdout).")
+def inspect_command(adapter: str, base: str | None, as_json: bool) -> None:
+    """Describe ADAPTER: type (LoRA/rsLoRA/DoRA), rank(s), alpha, scale, target modules, modules_to_save,
+    trainable parameters, dtype, size and base model id; with --base, whether it fits that base.
+
+    Exits with status 1 when --base is given and the adapter does not fit it.
+    """
+    from mtool.adapters.inspect import format_summary, inspect_adapter
+
+    summary = inspect_adapter(adapter, base)
+    if as_json:
+        click.echo(json.dumps(summary.as_dict(), indent=2))
+    else:
+        click.echo(format_summary(summary))
+    if summary.base_check is not None and not summary.base_check.compatible:
+        raise SystemExit(1)
+
+
+@adapters.command("merge")
+@click.argument("paths", nargs=-1, required=True, metavar="BASE ADAPTER [ADAPTER...] OUT")
+@weights_option
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), help="Output dtype. Default: each tensor keeps the base's.")
+@click.option("--dequantized-base", is_flag=True,
+              help="Merge into the base as a QLoRA run saw it: every linear weight rounded through bitsandbytes "
+                   "4-bit (quantize then dequantize, with the --quant-* settings of the training run). Use it "
+                   "for an adapter trained with QLoRA when the merged model must behave exactly as the adapter did "
+                   "in training. The default merges into the original 16-bit base: full precision, what is "
+                   "usually published, and off from the training-time model only by the 4-bit rounding error.")
+@click.option("--quant-type", type=click.Choice(("nf4", "fp4")), default="nf4", show_default=True,
+              help="With --dequantized-base: bnb_4bit_quant_type of the training run.")
+@click.option("--quant-blocksize", type=int, default=64, show_default=True,
+              help="With --dequantized-base: the 4-bit block size (bitsandbytes' default 64).")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+              help="With --dequantized-base: bnb_4bit_use_double_quant of the training run.")
+@click.option("--quant-skip", multiple=True, default=("lm_head",), show_default=True,
+              help="With --dequantized-base: modules left unquantized in training (llm_int8_skip_modules).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
+@force_option
+def merge_command(paths: tuple[str, ...], weights: tuple[str, ...], dtype: str | None, dequantized_base: bool,
+                  quant_type: str, quant_blocksize: int, double_quant: bool, quant_skip: tuple[str, ...],
+                  shard_size: str, force: bool) -> None:
+    """Merge one or more LoRA adapters into BASE and write the full model to OUT.
+
+    Streams tensor by tensor: W' = W + w * s * B @ A in float32 (s = alpha/r, or alpha/sqrt(r) for rsLoRA;
+    DoRA rescales each output row to its learned magnitude), cast once to the output dtype. Handles
+    fan_in_fan_out layers, embedding LoRA, modules_to_save, trainable tokens and tied embeddings. Several
+    adapters are applied in the order given, each scaled by its --weights entry. OUT gets the base's config
+    and tokenizer and a lineage record; transformers loads it directly.
+    """
+    from mtool.adapters.merge import AdapterMergeOptions, merge_adapters
+    from mtool.adapters.quantize import QuantSettings
+    from mtool.merger.commands import parse_size
+
+    if len(paths) < 3:
+        raise click.UsageError("give BASE, at least one ADAPTER, and OUT")
+    base, adapter_paths, out = paths[0], list(paths[1:-1]), paths[-1]
+    if quant_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise click.BadParameter("the block size must be a power of two from 32 to 4096", param_hint="--quant-blocksize")
+    quant = QuantSettings(quant_type=quant_type, blocksize=quant_blocksize, double_quant=double_quant,
+                          skip_modules=tuple(quant_skip)) if dequantized_base else None
+    options = AdapterMergeOptions(weights=parse_weights(weights), dtype=_dtype(dtype), dequantized_base=quant,
+                                  max_shard_bytes=parse_size(shard_size), force=force)
+    report = merge_adapters(base, adapter_paths, out, options)
+    untied = " (embeddings untied: the adapter changes the input embedding and the head differently)" \
+        if report.untied else ""
+    info(f"merged {len(adapter_paths)} adapter(s) into {report.changed} of {report.tensors} tensors in "
+         f"{report.seconds:.1f} s{untied}: {report.output}")

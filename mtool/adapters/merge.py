@@ -1,0 +1,271 @@
+"""``mtool adapters merge``: fold one or more LoRA adapters into their base, streamed tensor by tensor.
+
+For every tensor of the base, in the base's order: read it (one positioned read), and if an adapter changes it
+compute in float32
+
+    W0 = W                          or dequantize(quantize_4bit(W)) with --dequantized-base
+    W' = adapter_k(... adapter_1(W0))  each adapter_k: W + w_k * s_k * B_k @ A_k (DoRA: m / ||W0 + dW|| * (W + dW))
+
+then cast once to the output dtype and write it straight into its place in the output shards. Unchanged
+tensors are copied as they are. Peak memory is a few tensors, never the model.
+
+Tied embeddings. A base saved with ``tie_word_embeddings`` stores one matrix ``E`` for the input embedding and
+the output head. With the adapter applied, the input embedding is ``E`` changed by what the adapter does to
+the embedding, and the head is ``E`` changed by what it does to ``lm_head`` (PEFT ties trainable-token rows to
+both). When the two results are equal the output stays tied; otherwise it is written untied (``lm_head.weight``
+stored, ``tie_word_embeddings: false``), so the merged model computes what the adapter model computed. (PEFT's
+``merge_and_unload`` writes the embedding's update into the shared matrix and changes the head too.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mtool import ui
+from mtool.adapters.basemodel import HEAD, fit_problems, tied_embedding
+from mtool.adapters.lora import LoraAdapter, load_lora
+from mtool.adapters.quantize import QuantSettings, dequantized, is_quantized_weight
+from mtool.checkpoint import (
+    DEFAULT_SHARD_BYTES,
+    Checkpoint,
+    CheckpointWriter,
+    ModelRef,
+    TensorSpec,
+    atomic_output_dir,
+    copy_support_files,
+    open_checkpoint,
+    resolve_model,
+)
+from mtool.errors import ComputeError, InputError
+from mtool.lineage import Lineage, Parent, describe_parent, write_lineage
+
+if TYPE_CHECKING:
+    import torch
+
+LOOKAHEAD = 3  # tensors read and merged ahead of the writer
+
+
+@dataclass(frozen=True)
+class AdapterMergeOptions:
+    """How to merge: per-adapter weights, output dtype, the QLoRA-rounded base, shard size, replacing OUT."""
+
+    weights: tuple[float, ...] | None = None
+    dtype: "torch.dtype | None" = None
+    dequantized_base: QuantSettings | None = None
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class WeightedAdapter:
+    ref: ModelRef
+    adapter: LoraAdapter
+    weight: float
+
+
+@dataclass
+class AdapterMergePlan:
+    """Everything decided before a byte is written: output tensors, sources, the tied-embedding outcome."""
+
+    base: ModelRef
+    checkpoint: Checkpoint
+    config: dict
+    adapters: list[WeightedAdapter]
+    specs: list[TensorSpec]
+    sources: dict[str, str]  # output tensor -> base tensor it starts from
+    changed: set[str]  # output tensors an adapter changes
+    quant: QuantSettings | None
+    untied: bool = False
+    precomputed: dict[str, "torch.Tensor"] = field(default_factory=dict)  # the tied pair, when touched
+
+
+def plan_adapter_merge(base: str, adapters: list[str], options: AdapterMergeOptions) -> AdapterMergePlan:
+    """Open and check every input; raises :class:`InputError` naming the first problem."""
+    if not adapters:
+        raise InputError("give at least one adapter to merge")
+    weights = options.weights or tuple(1.0 for _ in adapters)
+    if len(weights) != len(adapters):
+        raise InputError(f"--weights has {len(weights)} values for {len(adapters)} adapters",
+                         fix="give one weight per adapter, in the same order")
+    base_ref = resolve_model(base)
+    checkpoint = open_checkpoint(base_ref.path)
+    if checkpoint.is_adapter:
+        raise InputError("BASE is a LoRA adapter, not a model", where=str(base_ref.path),
+                         fix="give the base model first, then the adapter(s)")
+    config = checkpoint.read_json("config.json") or {}
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "quantized")
+        raise InputError(f"the base holds {method} weights; mtool merges into full-precision weights",
+                         where=str(base_ref.path),
+                         fix="give the original 16-bit base (add --dequantized-base to reproduce the QLoRA base)")
+    loaded = []
+    for reference, weight in zip(adapters, weights):
+        ref = resolve_model(reference)
+        loaded.append(WeightedAdapter(ref, load_lora(ref.path), float(weight)))
+    plan = AdapterMergePlan(base=base_ref, checkpoint=checkpoint, config=config, adapters=loaded, specs=[],
+                            sources={}, changed=set(), quant=options.dequantized_base)
+    for item in loaded:
+        _, problems = fit_problems(item.adapter, checkpoint, config)
+        if problems:
+            raise InputError(f"the adapter does not fit this base: {problems[0]}"
+                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+                             where=str(item.adapter.folder), fix="use the base model the adapter was trained on")
+    for name in checkpoint.names:
+        info = checkpoint.info(name)
+        plan.sources[name] = name
+        out_dtype = options.dtype if options.dtype is not None and info.dtype.is_floating_point else info.dtype
+        plan.specs.append(TensorSpec(name, info.shape, out_dtype))
+        if any(item.adapter.touches(name) for item in loaded):
+            plan.changed.add(name)
+    embedding = tied_embedding(checkpoint, config)
+    if embedding is not None:
+        _resolve_tied_pair(plan, embedding)
+    return plan
+
+
+def _resolve_tied_pair(plan: AdapterMergePlan, embedding: str) -> None:
+    """Compute the input embedding and the head of a tied base now; untie the output when they differ."""
+    touched = any(item.adapter.touches(embedding) or item.adapter.touches(HEAD) for item in plan.adapters)
+    if not touched:
+        return
+    import torch
+
+    shared = plan.checkpoint.read(embedding)
+    embedded = merged_tensor(embedding, shared, plan)
+    head = merged_tensor(HEAD, shared, plan, rows_from=embedding)
+    plan.precomputed[embedding] = embedded
+    if torch.equal(embedded, head):
+        return
+    plan.untied = True
+    plan.precomputed[HEAD] = head
+    spec = next(s for s in plan.specs if s.name == embedding)
+    plan.specs.append(TensorSpec(HEAD, spec.shape, spec.dtype))
+    plan.sources[HEAD] = embedding
+    plan.changed.add(HEAD)
+
+
+def merged_tensor(name: str, weight: "torch.Tensor", plan: AdapterMergePlan, *,
+                  rows_from: str | None = None) -> "torch.Tensor":
+    """Tensor ``name`` after every adapter, in float32, from the base's ``weight``.
+
+    ``rows_from`` names the input embedding when ``name`` is the head of a tied base: trainable-token rows of
+    the embedding apply to the head too unless the adapter has rows of its own for it (PEFT ties them).
+    """
+    original = weight
+    if plan.quant is not None and is_quantized_weight(name, tuple(weight.shape), plan.quant):
+        original = dequantized(weight, plan.quant)
+    current = original.float()
+    for item in plan.adapters:
+        current = item.adapter.apply(name, current, strength=item.weight, original=original)
+        if rows_from is not None and name not in item.adapter.token_rows:
+            current = item.adapter.write_token_rows(name, current, rows_of=rows_from)
+    return current
+
+
+def _produce(plan: AdapterMergePlan, spec: TensorSpec) -> "torch.Tensor":
+    """The output tensor ``spec.name`` in its output dtype."""
+    import torch
+
+    if spec.name in plan.precomputed:
+        result = plan.precomputed.pop(spec.name)
+    else:
+        weight = plan.checkpoint.read(plan.sources[spec.name])
+        if spec.name not in plan.changed:
+            return weight.to(spec.dtype)
+        result = merged_tensor(spec.name, weight, plan)
+    if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
+        raise ComputeError(f"the merge produced NaN or Inf values in {spec.name}",
+                           fix="check the adapter for NaN/Inf values and the --weights")
+    return result.to(spec.dtype)
+
+
+def _output_config(plan: AdapterMergePlan, options: AdapterMergeOptions) -> dict:
+    config = dict(plan.config)
+    if plan.untied:
+        config["tie_word_embeddings"] = False
+    if options.dtype is not None:
+        config["dtype"] = str(options.dtype).removeprefix("torch.")
+        config.pop("torch_dtype", None)
+    return config
+
+
+@dataclass(frozen=True)
+class AdapterMergeReport:
+    output: Path
+    seconds: float
+    tensors: int
+    changed: int
+    untied: bool
+
+
+def merge_adapters(base: str, adapters: list[str], output: str | os.PathLike,
+                   options: AdapterMergeOptions = AdapterMergeOptions()) -> AdapterMergeReport:
+    """Merge ``adapters`` into ``base`` and write the full model to ``output`` (atomically)."""
+    started = time.perf_counter()
+    plan = plan_adapter_merge(base, adapters, options)
+    inputs = [plan.checkpoint.folder] + [item.ref.path for item in plan.adapters]
+    with atomic_output_dir(output, force=options.force, inputs=inputs) as staging, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtool-hash") as background:
+        parents = background.submit(_describe_parents, plan)  # hashing overlaps the merge
+        digests = _stream(plan, staging, options)
+        config = _output_config(plan, options)
+        copy_support_files(plan.checkpoint.folder, staging, config=True, tokenizer=True)
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        record = Lineage(
+            operation="adapter-merge",
+            method="dora" if any(item.adapter.use_dora for item in plan.adapters) else "lora",
+            parents=parents.result(),
+            parameters={
+                "weights": [item.weight for item in plan.adapters],
+                "dtype": None if options.dtype is None else str(options.dtype).removeprefix("torch."),
+                "dequantized_base": None if plan.quant is None else plan.quant.describe(),
+                "untied_embeddings": plan.untied,
+            },
+            outputs=digests,
+            parameter_count=plan.checkpoint.parameter_count() + (plan.checkpoint.info(plan.sources[HEAD]).numel
+                                                                 if plan.untied else 0),
+        )
+        write_lineage(staging, record)
+    seconds = time.perf_counter() - started
+    return AdapterMergeReport(Path(output), seconds, len(plan.specs), len(plan.changed), plan.untied)
+
+
+def _stream(plan: AdapterMergePlan, folder: Path, options: AdapterMergeOptions) -> dict[str, str]:
+    """Produce every output tensor (a few ahead, in worker threads) and write them in order."""
+    import torch
+
+    total = sum(spec.nbytes for spec in plan.specs)
+    bar = ui.progress(total=total, desc="merge adapter", unit="B", unit_scale=True)
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtool-merge") as workers, \
+            CheckpointWriter(folder, plan.specs, max_shard_bytes=options.max_shard_bytes, in_order=True,
+                             metadata={"mtool_operation": "adapter-merge"}) as writer:
+        pending: deque[tuple[TensorSpec, Future]] = deque()
+        upcoming = iter(plan.specs)
+        for spec in upcoming:
+            pending.append((spec, workers.submit(_produce, plan, spec)))
+            if len(pending) >= LOOKAHEAD:
+                break
+        while pending:
+            spec, future = pending.popleft()
+            tensor = future.result()
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append((following, workers.submit(_produce, plan, following)))
+            writer.write(spec.name, tensor)
+            bar.update(spec.nbytes)
+            del tensor
+    bar.close()
+    return writer.digests
+
+
+def _describe_parents(plan: AdapterMergePlan) -> list[Parent]:
+    """The lineage parents (sha256 of every weight file read): the base, then each adapter with its weight."""
+    return [describe_parent(plan.base, "base")] + [describe_parent(item.ref, "adapter", weight=item.weight)
+                                                   for item in plan.adapters]
