@@ -73,7 +73,8 @@ def build_models(layers: int) -> dict[str, Path]:
         return folders
     shutil.rmtree(root, ignore_errors=True)
     shapes = tensor_shapes(layers)
-    config = LlamaConfig(**{**SHAPE, "num_hidden_layers": layers}, tie_word_embeddings=False, dtype="bfloat16")
+    config = LlamaConfig(**{**SHAPE, "num_hidden_layers": layers}, tie_word_embeddings=False, dtype="bfloat16",
+                         architectures=["LlamaForCausalLM"])
     tokenizer = build_tokenizer()
     for index, (name, folder) in enumerate(folders.items()):
         folder.mkdir(parents=True)
