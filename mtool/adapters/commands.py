@@ -122,3 +122,110 @@ def merge_command(paths: tuple[str, ...], weights: tuple[str, ...], dtype: str |
         if report.untied else ""
     info(f"merged {len(adapter_paths)} adapter(s) into {report.changed} of {report.tensors} tensors in "
          f"{report.seconds:.1f} s{untied}: {report.output}")
+
+
+def parse_params(values: tuple[str, ...]) -> dict[str, object]:
+    """``--param t=0.3 --param normalize=false`` -> {"t": 0.3, "normalize": False}."""
+    params: dict[str, object] = {}
+    for value in values:
+        name, separator, text = value.partition("=")
+        if not separator or not name.strip():
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE", param_hint="--param")
+        text = text.strip()
+        if text.lower() in ("true", "false"):
+            params[name.strip()] = text.lower() == "true"
+            continue
+        try:
+            params[name.strip()] = float(text)
+        except ValueError:
+            raise click.BadParameter(f"{value!r}: the value must be a number, true or false",
+                                     param_hint="--param") from None
+    return params
+
+
+@adapters.command("combine")
+@click.argument("paths", nargs=-1, required=True, metavar="ADAPTER [ADAPTER...] OUT")
+@click.option("--method", "method", required=True, metavar="TYPE",
+              help="A PEFT add_weighted_adapter type: linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, "
+                   "dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd; or merge:<method> to "
+                   "merge in weight space with any `mtool merge` method (merge:ties, merge:slerp, "
+                   "merge:della ...) and factor the result back by SVD.")
+@weights_option
+@click.option("--density", type=float, help="Fraction of values kept by ties, dare and magnitude_prune types.")
+@click.option("--majority-sign-method", type=click.Choice(("total", "frequency")), default="total",
+              show_default=True, help="TIES sign election: sign of the summed values, or of the count of signs.")
+@click.option("--rank", type=int, callback=_positive_rank,
+              help="Rank of the result of svd types and merge: methods (default: the largest input rank).")
+@click.option("--svd-clamp", type=float, help="svd types: clamp the factors at this quantile (PEFT's svd_clamp).")
+@click.option("--base", help="merge: methods: the base model; needed by those that interpolate whole weights "
+                             "(slerp, nuslerp, karcher...) and to combine DoRA adapters.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
+              help="merge: methods: another method parameter (t=0.5, lambda=1.0, normalize=false...).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drops (one per module).")
+@force_option
+def combine_command(paths: tuple[str, ...], method: str, weights: tuple[str, ...], density: float | None,
+                    majority_sign_method: str, rank: int | None, svd_clamp: float | None, base: str | None,
+                    params: tuple[str, ...], seed: int, force: bool) -> None:
+    """Combine several LoRA adapters into one adapter folder OUT, as PEFT's add_weighted_adapter does (every
+    combination type, the same results) or in weight space with an `mtool merge` method.
+
+    cat and svd are exact up to the SVD rank (cat's rank is the sum of the inputs'); linear, ties, dare_*
+    and magnitude_prune merge the A and B factors separately (a cheap approximation needing equal ranks).
+    OUT loads with PeftModel.from_pretrained.
+    """
+    from mtool.adapters.combine import CombineOptions, combine_adapters
+
+    if len(paths) < 2:
+        raise click.UsageError("give at least one ADAPTER and OUT")
+    options = CombineOptions(method=method, weights=parse_weights(weights), density=density,
+                             majority_sign_method=majority_sign_method, rank=rank, svd_clamp=svd_clamp, base=base,
+                             params=parse_params(params), seed=seed, force=force)
+    result = combine_adapters(list(paths[:-1]), paths[-1], options)
+    if result.report is not None:
+        click.echo(result.report.format())
+    info(f"combined {len(paths) - 1} adapter(s) with {result.method} into {result.modules} modules: {result.output}")
+
+
+@adapters.command("extract")
+@click.argument("base")
+@click.argument("tuned")
+@click.argument("out")
+@click.option("--rank", type=int, callback=_positive_rank, help="Rank of every module.")
+@click.option("--energy", type=float,
+              help="Instead of --rank: per module, the smallest rank keeping this fraction of the update's squared "
+                   "Frobenius norm (e.g. 0.99).")
+@click.option("--keep-other", is_flag=True,
+              help="Store modules whose changed tensors are not 2-D weights (norms, biases) whole, as "
+                   "modules_to_save.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="float32", show_default=True,
+              help="dtype of the adapter's tensors.")
+@force_option
+def extract_command(base: str, tuned: str, out: str, rank: int | None, energy: float | None, keep_other: bool,
+                    dtype: str, force: bool) -> None:
+    """Extract a LoRA adapter OUT approximating TUNED - BASE: truncated SVD of every changed 2-D weight
+    (linear layers, and embeddings as embedding LoRA). Prints the relative reconstruction error per module
+    (worst first) and overall; the lineage record keeps all of them.
+    """
+    from mtool.adapters.extract import ExtractOptions, extract_adapter
+    from mtool.ui import VERBOSITY
+
+    options = ExtractOptions(rank=rank, energy=energy, keep_other=keep_other, dtype=_dtype(dtype), force=force)
+    result = extract_adapter(base, tuned, out, options)
+    click.echo(result.report.format(limit=None if VERBOSITY.verbose else 12))
+    info(f"wrote {result.output}")
+
+
+@adapters.command("resize")
+@click.argument("adapter")
+@click.argument("out")
+@click.option("--rank", type=int, required=True, callback=_positive_rank, help="The new rank (modules below it keep theirs).")
+@force_option
+def resize_command(adapter: str, out: str, rank: int, force: bool) -> None:
+    """Lower ADAPTER's rank to --rank by truncated SVD of each module's B @ A, into OUT. Prints the relative
+    error per module and overall (zero when the rank is not lowered)."""
+    from mtool.adapters.resize import resize_adapter
+    from mtool.ui import VERBOSITY
+
+    result = resize_adapter(adapter, out, rank, force=force)
+    click.echo(result.report.format(limit=None if VERBOSITY.verbose else 12))
+    info(f"wrote {result.output}")

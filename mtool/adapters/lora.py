@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtool.adapters.lowrank import dora_weight_with_norm_of, lora_delta, lora_scale
+from mtool.adapters.lowrank import dora_weight, lora_delta, lora_scale
 from mtool.checkpoint import Checkpoint, open_checkpoint
 from mtool.errors import InputError
 
@@ -307,8 +307,7 @@ class LoraAdapter:
             module = self.targets.get(name)
             if module is not None and module.is_dora:
                 magnitude = self.checkpoint.read(module.magnitude_key)
-                weight = dora_weight_with_norm_of(weight, weight if original is None else original, delta, magnitude,
-                                                  transposed=module.transposed)
+                weight = dora_weight(weight, delta, magnitude, transposed=module.transposed, original=original)
             else:
                 weight = weight + delta
         return self.write_token_rows(name, weight)

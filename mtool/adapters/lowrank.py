@@ -34,26 +34,20 @@ def lora_delta(a: "torch.Tensor", b: "torch.Tensor", scale: float, *, transposed
     return product.mul_(scale)
 
 
-def dora_weight(weight: "torch.Tensor", delta: "torch.Tensor", magnitude: "torch.Tensor", *,
-                transposed: bool) -> "torch.Tensor":
-    """``W' = m / ||W + dW|| * (W + dW)`` with the norm per output feature (float32).
+def dora_weight(weight: "torch.Tensor", delta: "torch.Tensor", magnitude: "torch.Tensor", *, transposed: bool,
+                original: "torch.Tensor | None" = None) -> "torch.Tensor":
+    """``W' = m / ||W0 + dW|| * (W + dW)`` with the norm per output feature (float32).
 
-    ``transposed`` says the tensors are laid out (in x out) (fan_in_fan_out layers, embeddings): the norm is
-    then over dim 0 and ``m`` scales columns; otherwise over dim 1 and ``m`` scales rows.
+    ``W0`` is ``original`` (default ``W``): when several adapters are merged in turn ``W`` already holds the
+    earlier ones, but PEFT takes DoRA's norm from the unmerged base. ``transposed`` says the tensors are laid
+    out (in x out) (fan_in_fan_out layers, embeddings): the norm is then over dim 0 and ``m`` scales columns;
+    otherwise over dim 1 and ``m`` scales rows.
     """
-    return dora_weight_with_norm_of(weight, weight, delta, magnitude, transposed=transposed)
-
-
-def dora_weight_with_norm_of(current: "torch.Tensor", original: "torch.Tensor", delta: "torch.Tensor",
-                             magnitude: "torch.Tensor", *, transposed: bool) -> "torch.Tensor":
-    """``W' = m / ||W0 + dW|| * (W + dW)``: DoRA applied on top of ``current`` (``W``, which may already hold
-    earlier adapters) with the norm taken from the ``original`` base ``W0``, as PEFT does when it merges
-    several adapters in turn."""
     norm_dim = 0 if transposed else 1
-    norm = (original.float() + delta).norm(p=2, dim=norm_dim)
+    norm = ((weight if original is None else original).float() + delta).norm(p=2, dim=norm_dim)
     factor = magnitude.float() / norm
     factor = factor.view(1, -1) if transposed else factor.view(-1, 1)
-    return factor * (current.float() + delta)
+    return factor * (weight.float() + delta)
 
 
 class LowRank(NamedTuple):
@@ -63,56 +57,57 @@ class LowRank(NamedTuple):
     b: "torch.Tensor"
 
 
-def svd_factors(matrix: "torch.Tensor", rank: int) -> LowRank:
-    """The best rank-``r`` approximation ``B @ A`` of ``matrix`` (out x in), by truncated SVD (Eckart-Young).
+class ThinSvd(NamedTuple):
+    """``M = U diag(S) Vh`` with ``S`` sorted descending."""
 
-    With ``M = U S V^T``: ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) V_r^T`` (the singular values are split evenly
-    between the factors so neither is badly scaled). ``rank`` is clipped to ``min(out, in)``.
-    """
+    u: "torch.Tensor"
+    s: "torch.Tensor"
+    vh: "torch.Tensor"
+
+    def factors(self, rank: int) -> LowRank:
+        """The best rank-``r`` approximation ``B @ A`` (Eckart-Young), the singular values split evenly between
+        the factors so neither is badly scaled: ``B = U_r sqrt(S_r)``, ``A = sqrt(S_r) Vh_r``. ``rank`` is
+        clipped to the number of singular values."""
+        rank = max(1, min(rank, self.s.numel()))
+        root = self.s[:rank].sqrt()
+        return LowRank(a=(root.unsqueeze(1) * self.vh[:rank]).contiguous(),
+                       b=(self.u[:, :rank] * root).contiguous())
+
+
+def thin_svd(matrix: "torch.Tensor") -> ThinSvd:
+    """The thin SVD of a dense matrix, in float32."""
     import torch
 
     u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False)
-    rank = max(1, min(rank, s.numel()))
-    root = s[:rank].sqrt()
-    return LowRank(a=(root.unsqueeze(1) * vh[:rank]).contiguous(), b=(u[:, :rank] * root).contiguous())
+    return ThinSvd(u, s, vh)
 
 
-def rank_for_energy(singular_values: "torch.Tensor", energy: float) -> int:
-    """The smallest ``r`` with ``sum(s[:r]^2) >= energy * sum(s^2)``: the rank that keeps that fraction of the
-    squared Frobenius norm."""
-    import torch
+def product_svd(a: "torch.Tensor", b: "torch.Tensor") -> ThinSvd:
+    """The thin SVD of ``B @ A`` without forming the (out x in) product.
 
-    squares = singular_values.double().square()
-    total = float(squares.sum())
-    if total == 0.0:
-        return 1
-    cumulative = torch.cumsum(squares, 0) / total
-    return int(torch.searchsorted(cumulative, torch.tensor(energy - 1e-12, dtype=cumulative.dtype)).item()) + 1
-
-
-def singular_values(matrix: "torch.Tensor") -> "torch.Tensor":
-    import torch
-
-    return torch.linalg.svdvals(matrix.float())
-
-
-def lowrank_product_factors(a: "torch.Tensor", b: "torch.Tensor", rank: int) -> LowRank:
-    """A rank-``rank`` factorization of ``B @ A`` without forming the (out x in) product.
-
-    With ``A = Q_a R_a^T`` (QR of ``A^T``) and ``B = Q_b R_b``: ``B @ A = Q_b (R_b R_a^T) Q_a^T``, so the SVD of
-    the small (r x r) core gives the SVD of the product. Exact when ``rank >= r``.
+    With ``A^T = Q_a R_a`` and ``B = Q_b R_b`` (QR): ``B @ A = Q_b (R_b R_a^T) Q_a^T``; the SVD of the small
+    (r x r) core ``U' S V'^T`` gives ``U = Q_b U'``, ``Vh = V'^T Q_a^T``.
     """
     import torch
 
     q_b, r_b = torch.linalg.qr(b.float())
     q_a, r_a = torch.linalg.qr(a.float().T)
-    core = r_b @ r_a.T
-    u, s, vh = torch.linalg.svd(core, full_matrices=False)
-    rank = max(1, min(rank, s.numel()))
-    root = s[:rank].sqrt()
-    new_b = (q_b @ u[:, :rank]) * root
-    new_a = root.unsqueeze(1) * (vh[:rank] @ q_a.T)
-    return LowRank(a=new_a.contiguous(), b=new_b.contiguous())
+    u, s, vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+    return ThinSvd(q_b @ u, s, vh @ q_a.T)
+
+
+def rank_for_energy(values: "torch.Tensor", energy: float) -> int:
+    """The smallest ``r`` with ``sum(s[:r]^2) >= energy * sum(s^2)``: the rank that keeps that fraction of the
+    squared Frobenius norm."""
+    import torch
+
+    squares = values.double().square()
+    total = float(squares.sum())
+    if total == 0.0:
+        return 1
+    cumulative = torch.cumsum(squares, 0) / total
+    found = int(torch.searchsorted(cumulative, torch.tensor([energy - 1e-12], dtype=cumulative.dtype)).item()) + 1
+    return min(found, values.numel())
 
 
 def relative_error(approximation: "torch.Tensor", target: "torch.Tensor") -> float:
@@ -122,3 +117,10 @@ def relative_error(approximation: "torch.Tensor", target: "torch.Tensor") -> flo
     if norm == 0.0:
         return 0.0 if difference == 0.0 else math.inf
     return difference / norm
+
+
+def truncation_energy(values: "torch.Tensor", rank: int) -> tuple[float, float]:
+    """``(sum_{k >= r} s_k^2, sum_k s_k^2)``: the squared Frobenius norms of what a rank-``r`` truncation drops
+    and of the whole matrix (Eckart-Young: the error of the best rank-r approximation)."""
+    squares = values.double().square()
+    return float(squares[rank:].sum()), float(squares.sum())
