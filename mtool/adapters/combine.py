@@ -26,6 +26,7 @@ from mtool.adapters.lowrank import thin_svd, truncation_energy
 from mtool.adapters.peft_format import ModuleFactors, adapter_config, save_adapter_folder, target_module_names
 from mtool.adapters.report import FitReport, ModuleFit
 from mtool.checkpoint import ModelRef, open_checkpoint, resolve_model
+from mtool.adapters.validate import adapter_weights, positive_rank
 from mtool.errors import InputError
 from mtool.lineage import Lineage, describe_parent
 
@@ -106,14 +107,8 @@ def _union_targets(adapters: list[LoraAdapter], modules: list[str]) -> Any:
 
 def combine_adapters(adapters: list[str], output: str | os.PathLike, options: CombineOptions) -> CombineResult:
     """Combine ``adapters`` into one adapter written to ``output``."""
-    if not adapters:
-        raise InputError("give at least one adapter to combine")
-    weights = options.weights or tuple(1.0 for _ in adapters)
-    if len(weights) != len(adapters):
-        raise InputError(f"--weights has {len(weights)} values for {len(adapters)} adapters",
-                         fix="give one weight per adapter, in the same order")
-    if options.rank is not None and options.rank <= 0:
-        raise InputError(f"the rank must be a positive integer, got {options.rank}", where="--rank")
+    weights = adapter_weights(len(adapters), options.weights, "combine")
+    positive_rank(options.rank)
     refs = [resolve_model(a) for a in adapters]
     loaded = [load_lora(ref.path) for ref in refs]
     for adapter in loaded:

@@ -24,6 +24,7 @@ from mtool.adapters.lowrank import rank_for_energy, thin_svd, truncation_energy
 from mtool.adapters.peft_format import ModuleFactors, adapter_config, save_adapter_folder, target_module_names
 from mtool.adapters.quantize import EMBEDDING_MARKERS
 from mtool.adapters.report import FitReport, ModuleFit
+from mtool.adapters.validate import positive_rank
 from mtool.checkpoint import Checkpoint, open_checkpoint, resolve_model
 from mtool.errors import InputError
 from mtool.lineage import Lineage, describe_parent
@@ -40,8 +41,7 @@ class ExtractOptions:
     def check(self) -> None:
         if (self.rank is None) == (self.energy is None):
             raise InputError("give exactly one of --rank and --energy")
-        if self.rank is not None and self.rank <= 0:
-            raise InputError(f"the rank must be a positive integer, got {self.rank}", where="--rank")
+        positive_rank(self.rank)
         if self.energy is not None and not 0.0 < self.energy <= 1.0:
             raise InputError(f"--energy must be in (0, 1], got {self.energy}", where="--energy")
 

@@ -43,6 +43,7 @@ from mtool.checkpoint import (
     open_checkpoint,
     resolve_model,
 )
+from mtool.adapters.validate import adapter_weights
 from mtool.errors import ComputeError, InputError
 from mtool.lineage import Lineage, Parent, describe_parent, write_lineage
 
@@ -88,12 +89,7 @@ class AdapterMergePlan:
 
 def plan_adapter_merge(base: str, adapters: list[str], options: AdapterMergeOptions) -> AdapterMergePlan:
     """Open and check every input; raises :class:`InputError` naming the first problem."""
-    if not adapters:
-        raise InputError("give at least one adapter to merge")
-    weights = options.weights or tuple(1.0 for _ in adapters)
-    if len(weights) != len(adapters):
-        raise InputError(f"--weights has {len(weights)} values for {len(adapters)} adapters",
-                         fix="give one weight per adapter, in the same order")
+    weights = adapter_weights(len(adapters), options.weights, "merge")
     base_ref = resolve_model(base)
     checkpoint = open_checkpoint(base_ref.path)
     if checkpoint.is_adapter:

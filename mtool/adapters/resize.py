@@ -18,8 +18,8 @@ from mtool.adapters.lora import load_lora
 from mtool.adapters.lowrank import product_svd, truncation_energy
 from mtool.adapters.peft_format import ModuleFactors, adapter_config, save_adapter_folder
 from mtool.adapters.report import FitReport, ModuleFit
+from mtool.adapters.validate import positive_rank
 from mtool.checkpoint import resolve_model
-from mtool.errors import InputError
 from mtool.lineage import Lineage, describe_parent
 
 
@@ -33,8 +33,7 @@ def resize_adapter(adapter: str, output: str | os.PathLike, rank: int, *, force:
     """Write ``adapter`` at rank ``rank`` (modules of lower rank keep theirs) to ``output``."""
     import torch
 
-    if rank <= 0:
-        raise InputError(f"the rank must be a positive integer, got {rank}", where="--rank")
+    positive_rank(rank)
     ref = resolve_model(adapter)
     lora = load_lora(ref.path)
     report = FitReport()
