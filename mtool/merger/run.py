@@ -103,7 +103,9 @@ def merge_tensor(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor
 
     if tensor.passthrough and plan.method.name == "passthrough":
         return _checked(tensor, inputs[0].to(plan.compute_dtype)).to(tensor.out_dtype)
-    if plan.method.elementwise and device == "cpu" and not tensor.vocabulary:
+    aligning_vocabulary = tensor.vocabulary and plan.vocabulary is not None
+    streams = plan.method.elementwise or plan.method.finish is not None
+    if streams and device == "cpu" and not aligning_vocabulary:
         return _merge_in_chunks(plan, tensor, inputs)
     inputs = [value.to(device=device, dtype=plan.compute_dtype) for value in inputs]
     generator = None
@@ -120,17 +122,28 @@ def merge_tensor(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor
 
 
 def _merge_in_chunks(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor"]) -> "torch.Tensor":
+    """Element-wise methods in one pass over cache-sized chunks; methods with ``statistics``/``finish`` in two
+    (sum the chunks' statistics, then finish each chunk)."""
     import torch
 
+    method = plan.method
     output = torch.empty(tensor.shape, dtype=tensor.out_dtype)
     flat_output = output.reshape(-1)
     flat_inputs = [value.reshape(-1) for value in inputs]
-    for start in range(0, flat_output.numel(), ELEMENTWISE_CHUNK):
-        end = start + ELEMENTWISE_CHUNK
-        chunk = [value[start:end].to(plan.compute_dtype) for value in flat_inputs]
-        merged = plan.method.merge(MergeTask(name=tensor.name, inputs=chunk, model_params=tensor.model_params,
-                                             params=tensor.params, base_index=tensor.base_index))
-        flat_output[start:end].copy_(_checked(tensor, merged))
+    starts = range(0, flat_output.numel(), ELEMENTWISE_CHUNK)
+
+    def chunk_task(start: int) -> MergeTask:
+        chunk = [value[start:start + ELEMENTWISE_CHUNK].to(plan.compute_dtype) for value in flat_inputs]
+        return MergeTask(name=tensor.name, inputs=chunk, model_params=tensor.model_params, params=tensor.params,
+                         base_index=tensor.base_index)
+
+    totals = None
+    if method.finish is not None and not method.elementwise:
+        totals = sum(method.statistics(chunk_task(start)) for start in starts)
+    for start in starts:
+        task = chunk_task(start)
+        merged = method.merge(task) if totals is None else method.finish(task, totals)
+        flat_output[start:start + ELEMENTWISE_CHUNK].copy_(_checked(tensor, merged))
     return output
 
 

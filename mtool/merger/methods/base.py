@@ -140,6 +140,11 @@ class MergeMethod:
     max_non_base: int | None = None
     random: bool = False
     elementwise: bool = False  # each output entry depends only on the same entry of the inputs
+    # Methods that need a few whole-tensor sums and are otherwise element-wise (SLERP: norms and a dot
+    # product) can also run in two streaming passes: ``statistics`` of each chunk are summed, then
+    # ``finish`` maps each chunk given the totals. The result equals ``function`` up to summation order.
+    statistics: Callable[[MergeTask], "torch.Tensor"] | None = None
+    finish: Callable[[MergeTask, "torch.Tensor"], "torch.Tensor"] | None = None
     description: str = ""
     reference: str = ""
     extra_checks: tuple[Callable[[dict[str, ParameterValue], list[dict[str, ParameterValue]], str], None], ...] = \

@@ -12,35 +12,49 @@ from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, Parame
 SLERP_DOT_THRESHOLD = 0.9995
 
 
+def slerp_statistics(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """``[|v0|^2, |v1|^2, <v0, v1>]`` in float64: the sums SLERP needs, additive over chunks."""
+    a, b = v0.reshape(-1).double(), v1.reshape(-1).double()
+    return torch.stack([a @ a, b @ b, a @ b])
+
+
+def slerp_coefficients(t: float, statistics: torch.Tensor, *, dot_threshold: float = SLERP_DOT_THRESHOLD,
+                       eps: float = 1e-8) -> tuple[float, float]:
+    """The weights of v0 and v1: with ``cos(theta) = <v0, v1> / (|v0| |v1|)`` (a norm below ``eps`` counts as 1),
+    clamped to [-1, 1], ``(sin((1-t) theta), sin(t theta)) / sin(theta)``; ``(1 - t, t)`` when
+    ``|cos(theta)| > dot_threshold`` (near-parallel or antiparallel: plain lerp)."""
+    norm_a, norm_b, dot = math.sqrt(statistics[0]), math.sqrt(statistics[1]), float(statistics[2])
+    norm_a = norm_a if norm_a > eps else 1.0
+    norm_b = norm_b if norm_b > eps else 1.0
+    cos = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
+    if abs(cos) > dot_threshold:
+        return 1 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
+
 def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = SLERP_DOT_THRESHOLD,
           eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors, treated as flat vectors.
+    """Spherical interpolation of two whole tensors, treated as flat vectors:
+    ``c0 * v0 + c1 * v1`` with the coefficients of :func:`slerp_coefficients`. They apply to the unnormalized
+    tensors, so norms interpolate too."""
+    c0, c1 = slerp_coefficients(t, slerp_statistics(v0, v1), dot_threshold=dot_threshold, eps=eps)
+    return torch.add(v0 * c0, v1, alpha=c1)
 
-    With ``cos(theta) = <v0/|v0|, v1/|v1|>`` (a norm below ``eps`` counts as 1), clamped to [-1, 1]:
-    ``slerp = sin((1-t) theta)/sin(theta) * v0 + sin(t theta)/sin(theta) * v1``; when
-    ``|cos(theta)| > dot_threshold`` (near-parallel or antiparallel) it falls back to
-    ``lerp = (1-t) v0 + t v1``. The coefficients apply to the unnormalized tensors, so norms interpolate too.
-    """
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    norm_a = torch.linalg.vector_norm(a)
-    norm_b = torch.linalg.vector_norm(b)
-    norm_a = torch.where(norm_a > eps, norm_a, 1)
-    norm_b = torch.where(norm_b > eps, norm_b, 1)
-    dot = (torch.dot(a, b) / (norm_a * norm_b)).clamp(-1, 1).item()
-    if abs(dot) > dot_threshold:
-        coefficient_a, coefficient_b = 1 - t, t
-    else:
-        theta = math.acos(dot)
-        sin_theta = math.sin(theta)
-        coefficient_a = math.sin((1 - t) * theta) / sin_theta
-        coefficient_b = math.sin(t * theta) / sin_theta
-    return torch.add(v0 * coefficient_a, v1, alpha=coefficient_b)
+
+def _slerp_pair(task: MergeTask) -> tuple[torch.Tensor, torch.Tensor]:
+    return task.base, task.inputs[1 - task.base_index]
 
 
 def slerp_merge(task: MergeTask) -> torch.Tensor:
     """SLERP from the base (t = 0) to the other model (t = 1)."""
-    other = 1 - task.base_index
-    return slerp(float(task.params["t"]), task.base, task.inputs[other])
+    return slerp(float(task.params["t"]), *_slerp_pair(task))
+
+
+def _slerp_finish(task: MergeTask, statistics: torch.Tensor) -> torch.Tensor:
+    v0, v1 = _slerp_pair(task)
+    c0, c1 = slerp_coefficients(float(task.params["t"]), statistics)
+    return torch.add(v0 * c0, v1, alpha=c1)
 
 
 SLERP = MergeMethod(
@@ -48,6 +62,8 @@ SLERP = MergeMethod(
     function=slerp_merge,
     parameters=(ParameterSpec("t", float, Scope.SHARED, help="0 = base model, 1 = the other model"),),
     base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
+    statistics=lambda task: slerp_statistics(*_slerp_pair(task)),
+    finish=_slerp_finish,
     description="spherical interpolation between the base and one model",
     reference="https://en.wikipedia.org/wiki/Slerp",
 )
