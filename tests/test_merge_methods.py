@@ -29,7 +29,7 @@ def _run(method: str, inputs: list[torch.Tensor], model_params: list[dict], para
     resolved.update(params or {})
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     task = MergeTask(name="t", inputs=[t.float() for t in inputs], model_params=model_params, params=resolved,
-                     base_index=base_index, generator=generator)
+                     base_index=base_index, generator=generator, seed=seed)
     return spec.merge(task).double()
 
 
@@ -221,6 +221,26 @@ def test_nearswap_and_passthrough() -> None:
     _close(_run("nearswap", [base, x1], [{}, {}], {"t": 0.1}, base_index=0), weight * x1 + (1 - weight) * base)
     _close(_run("passthrough", [x1], [{"scale": 0.5}]), 0.5 * x1)
     _close(_run("passthrough", [x1], [{"scale": None}]), x1)
+
+
+def test_chunked_merges_equal_whole_tensor_merges() -> None:
+    from mtool.merger.methods.base import ChunkedTensor
+
+    base, x1, x2 = _tensors(3, (300, 170), seed=13)
+    for method, params in (("ties", {"weight": 0.7, "density": 0.3}), ("dare_ties", {"weight": 0.7, "density": 0.3}),
+                           ("slerp", {})):
+        spec = get_method(method)
+        shared = {p.name: p.default for p in spec.parameters if p.scope.value == "shared" and not p.required}
+        shared.setdefault("t", 0.4)
+        inputs = [base.float(), x1.float(), x2.float()] if method != "slerp" else [base.float(), x1.float()]
+        per_model = [{}] + [params] * (len(inputs) - 1)
+        whole = spec.merge(MergeTask(name="w", inputs=inputs, model_params=per_model, params=shared, base_index=0,
+                                     seed=5))
+        chunked = ChunkedTensor(name="w", inputs=inputs, model_params=per_model, params=shared, base_index=0,
+                                compute_dtype=torch.float32, chunk_size=7919, seed=5)
+        prepared = spec.prepare(chunked)
+        pieces = torch.cat([spec.finish(chunked.chunk(s), prepared) for s in chunked.starts()])
+        _close(pieces.double(), whole.reshape(-1).double(), 1e-6)
 
 
 def test_kth_largest_is_exact() -> None:

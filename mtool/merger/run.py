@@ -33,7 +33,7 @@ from mtool.checkpoint import (
 )
 from mtool.errors import ComputeError
 from mtool.lineage import Lineage, Parent, describe_parent, hash_files, write_lineage
-from mtool.merger.methods.base import MergeTask
+from mtool.merger.methods.base import ChunkedTensor, MergeTask
 from mtool.merger.plan import MergePlan, TensorPlan
 
 if TYPE_CHECKING:
@@ -95,54 +95,50 @@ def merge_tensor(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor
                  device: str = "cpu") -> "torch.Tensor":
     """One output tensor from its (already read) inputs, in the output dtype, on the CPU.
 
-    Element-wise methods run over cache-sized chunks: each chunk of the inputs is upcast, merged and cast
-    to the output dtype while it is still in cache, so a tensor costs one pass over memory instead of one
-    per operation. The other methods see whole tensors in the compute dtype.
+    Element-wise methods, and those with ``prepare``/``finish``, run over cache-sized chunks: each chunk of
+    the inputs is upcast, merged and cast to the output dtype while it is still in cache, so a tensor costs
+    one pass over memory instead of one per operation and never exists in float32 as a whole. The other
+    methods see whole tensors in the compute dtype.
     """
     import torch
 
     if tensor.passthrough and plan.method.name == "passthrough":
         return _checked(tensor, inputs[0].to(plan.compute_dtype)).to(tensor.out_dtype)
-    aligning_vocabulary = tensor.vocabulary and plan.vocabulary is not None
-    streams = plan.method.elementwise or plan.method.finish is not None
-    if streams and device == "cpu" and not aligning_vocabulary:
-        return _merge_in_chunks(plan, tensor, inputs)
-    inputs = [value.to(device=device, dtype=plan.compute_dtype) for value in inputs]
-    generator = None
-    if plan.method.random:
-        generator = torch.Generator().manual_seed(tensor_seed(seed, tensor.name))
-    result = plan.method.merge(MergeTask(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
-                                         params=tensor.params, base_index=tensor.base_index, generator=generator))
+    method = plan.method
+    per_tensor_seed = tensor_seed(seed, tensor.name) if method.random else None
+    if method.elementwise or method.finish is not None:
+        result = _merge_in_chunks(plan, tensor, inputs, per_tensor_seed, device)
+    else:
+        inputs = [value.to(device=device, dtype=plan.compute_dtype) for value in inputs]
+        generator = None if per_tensor_seed is None else torch.Generator().manual_seed(per_tensor_seed)
+        result = method.merge(MergeTask(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
+                                        params=tensor.params, base_index=tensor.base_index, generator=generator,
+                                        seed=per_tensor_seed))
+        result = _checked(tensor, result).to("cpu").to(tensor.out_dtype)
     if plan.vocabulary is not None and tensor.vocabulary and plan.vocabulary.pinned:
         from mtool.merger.tokenizer import apply_pins
 
         aligned = {s.model.reference: v for s, v in zip(tensor.sources, inputs)}
         result = apply_pins(plan.vocabulary, tensor, result, aligned)
-    return _checked(tensor, result).to("cpu").to(tensor.out_dtype)
+    return result
 
 
-def _merge_in_chunks(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor"]) -> "torch.Tensor":
-    """Element-wise methods in one pass over cache-sized chunks; methods with ``statistics``/``finish`` in two
-    (sum the chunks' statistics, then finish each chunk)."""
+def _merge_in_chunks(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor"], seed: int | None,
+                     device: str) -> "torch.Tensor":
+    """Element-wise methods in one pass over cache-sized chunks; methods with ``prepare``/``finish`` in two
+    (whole-tensor quantities first, then each chunk)."""
     import torch
 
     method = plan.method
+    chunked = ChunkedTensor(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
+                            params=tensor.params, base_index=tensor.base_index, compute_dtype=plan.compute_dtype,
+                            chunk_size=ELEMENTWISE_CHUNK, seed=seed, device=device)
+    prepared = method.prepare(chunked) if method.prepare is not None else None
     output = torch.empty(tensor.shape, dtype=tensor.out_dtype)
     flat_output = output.reshape(-1)
-    flat_inputs = [value.reshape(-1) for value in inputs]
-    starts = range(0, flat_output.numel(), ELEMENTWISE_CHUNK)
-
-    def chunk_task(start: int) -> MergeTask:
-        chunk = [value[start:start + ELEMENTWISE_CHUNK].to(plan.compute_dtype) for value in flat_inputs]
-        return MergeTask(name=tensor.name, inputs=chunk, model_params=tensor.model_params, params=tensor.params,
-                         base_index=tensor.base_index)
-
-    totals = None
-    if method.finish is not None and not method.elementwise:
-        totals = sum(method.statistics(chunk_task(start)) for start in starts)
-    for start in starts:
-        task = chunk_task(start)
-        merged = method.merge(task) if totals is None else method.finish(task, totals)
+    for start in chunked.starts():
+        task = chunked.chunk(start)
+        merged = method.finish(task, prepared) if method.finish is not None else method.merge(task)
         flat_output[start:start + ELEMENTWISE_CHUNK].copy_(_checked(tensor, merged))
     return output
 

@@ -105,7 +105,9 @@ class MergeTask:
     base; ``base_index`` points at it), already in the compute dtype. ``model_params`` is parallel to
     ``inputs``: the resolved per-model parameters (empty for the base when a parameter is ``NON_BASE``).
     ``generator`` is this tensor's own random generator (seeded from the seed and the tensor's name), given
-    to random methods only.
+    to random methods only. ``seed`` (the same per-tensor seed) and ``offset`` (where this task's entries
+    start in the flattened tensor) let a method draw randomness that depends on the entries' positions only,
+    so a tensor merged in chunks gets the same draws as merged whole (see :func:`position_uniforms`).
     """
 
     name: str
@@ -114,6 +116,8 @@ class MergeTask:
     params: dict[str, ParameterValue]
     base_index: int | None = None
     generator: "torch.Generator | None" = None
+    seed: int | None = None
+    offset: int = 0
 
     @property
     def base(self) -> "torch.Tensor":
@@ -124,6 +128,64 @@ class MergeTask:
     def non_base(self) -> list[tuple["torch.Tensor", dict[str, ParameterValue]]]:
         """(tensor, parameters) of every input other than the base, in recipe order."""
         return [(t, p) for i, (t, p) in enumerate(zip(self.inputs, self.model_params)) if i != self.base_index]
+
+
+RANDOM_BLOCK = 1 << 16  # entries drawn from one generator: randomness is fixed per block of positions
+
+
+def position_uniforms(seed: int, member: int, offset: int, count: int) -> "torch.Tensor":
+    """Uniform [0, 1) float32 draws for the flattened positions ``offset .. offset + count`` of one input.
+
+    Each block of ``RANDOM_BLOCK`` positions has its own CPU generator seeded from (seed, member, block), so
+    the draw of a position does not depend on how a tensor is split into chunks, nor on the device.
+    """
+    import hashlib
+
+    import torch
+
+    out = torch.empty(count, dtype=torch.float32)
+    position = offset
+    while position < offset + count:
+        block = position // RANDOM_BLOCK
+        block_seed = int.from_bytes(hashlib.sha256(f"{seed}:{member}:{block}".encode()).digest()[:8], "little") >> 1
+        draws = torch.rand(RANDOM_BLOCK, generator=torch.Generator().manual_seed(block_seed))
+        start = position - block * RANDOM_BLOCK
+        take = min(RANDOM_BLOCK - start, offset + count - position)
+        out[position - offset:position - offset + take] = draws[start:start + take]
+        position += take
+    return out
+
+
+@dataclass(frozen=True)
+class ChunkedTensor:
+    """One output tensor's inputs, kept in their storage dtype, handed out in chunks of the flattened tensor.
+
+    :meth:`chunk` upcasts one slice of every input to the compute dtype (on ``device``) and wraps it in a
+    :class:`MergeTask` whose ``offset`` says where it starts.
+    """
+
+    name: str
+    inputs: list["torch.Tensor"]
+    model_params: list[dict[str, ParameterValue]]
+    params: dict[str, ParameterValue]
+    base_index: int | None
+    compute_dtype: "torch.dtype"
+    chunk_size: int
+    seed: int | None = None
+    device: str = "cpu"
+
+    @property
+    def numel(self) -> int:
+        return self.inputs[0].numel()
+
+    def starts(self) -> range:
+        return range(0, self.numel, self.chunk_size)
+
+    def chunk(self, start: int) -> MergeTask:
+        pieces = [value.reshape(-1)[start:start + self.chunk_size].to(device=self.device, dtype=self.compute_dtype)
+                  for value in self.inputs]
+        return MergeTask(name=self.name, inputs=pieces, model_params=self.model_params, params=self.params,
+                         base_index=self.base_index, seed=self.seed, offset=start)
 
 
 @dataclass(frozen=True)
@@ -140,11 +202,12 @@ class MergeMethod:
     max_non_base: int | None = None
     random: bool = False
     elementwise: bool = False  # each output entry depends only on the same entry of the inputs
-    # Methods that need a few whole-tensor sums and are otherwise element-wise (SLERP: norms and a dot
-    # product) can also run in two streaming passes: ``statistics`` of each chunk are summed, then
-    # ``finish`` maps each chunk given the totals. The result equals ``function`` up to summation order.
-    statistics: Callable[[MergeTask], "torch.Tensor"] | None = None
-    finish: Callable[[MergeTask, "torch.Tensor"], "torch.Tensor"] | None = None
+    # Methods that need a few whole-tensor quantities and are otherwise element-wise (SLERP: norms and a
+    # dot product; TIES: each model's magnitude threshold) run in chunks too: ``prepare`` computes those
+    # quantities from a ChunkedTensor (streaming over its chunks), ``finish`` maps each chunk given them.
+    # The result equals ``function``'s up to floating-point summation order.
+    prepare: Callable[[ChunkedTensor], object] | None = None
+    finish: Callable[[MergeTask, object], "torch.Tensor"] | None = None
     description: str = ""
     reference: str = ""
     extra_checks: tuple[Callable[[dict[str, ParameterValue], list[dict[str, ParameterValue]], str], None], ...] = \

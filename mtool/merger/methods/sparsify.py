@@ -2,7 +2,9 @@
 
 Each function returns the sparsified delta ``delta * mask``, optionally rescaled so its L1 norm matches the
 original (``rescale``):  ``out = (delta * mask) * ||delta||_1 / ||delta * mask||_1`` (unchanged when either
-norm is below 1e-7). Random masks draw only from the generator they are given.
+norm is below 1e-7). Random masks draw only from the generator they are given. (TIES' magnitude top-k and
+DARE's Bernoulli masks are applied chunk by chunk in ``task_arithmetic.py``, with :func:`kth_largest` and
+``position_uniforms``.)
 """
 
 from __future__ import annotations
@@ -52,23 +54,6 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(values, n - k + 1).values
 
 
-def magnitude(delta: torch.Tensor, density: float, *, rescale: bool = False) -> torch.Tensor:
-    """TIES trimming: keep the ``k = max(1, floor(density * n))`` entries of largest ``|delta|``.
-
-    ``density >= 1`` keeps everything; ``density <= 0`` keeps nothing.
-    """
-    if density >= 1:
-        return delta
-    n = delta.numel()
-    if density <= 0 or n == 0:
-        return torch.zeros_like(delta)
-    k = max(1, int(density * n))
-    magnitudes = delta.abs().reshape(-1)
-    threshold = kth_largest(magnitudes, k)
-    mask = (magnitudes >= threshold).reshape(delta.shape)
-    return _finish(delta, mask, rescale)
-
-
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False) -> torch.Tensor:
     """Model Breadcrumbs: drop the ``floor(gamma * n)`` largest entries (outliers) and the smallest ones so
     that ``floor(density * n)`` entries survive.
@@ -89,22 +74,6 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, res
     mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
     mask[order[n_bottom:n_bottom + n_keep]] = True
     return _finish(delta, mask.reshape(delta.shape), rescale)
-
-
-def bernoulli(delta: torch.Tensor, density: float, *, generator: torch.Generator | None,
-              rescale: bool = False) -> torch.Tensor:
-    """DARE: keep each entry independently with probability ``density``.
-
-    Random numbers are drawn on the CPU from ``generator`` so a tensor's mask depends on the seed and its
-    name only, whatever the device.
-    """
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return torch.zeros_like(delta)
-    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
-    mask = (draws < density).to(delta.device)
-    return _finish(delta, mask, rescale)
 
 
 def della_magprune(delta: torch.Tensor, density: float, epsilon: float, *, generator: torch.Generator | None,

@@ -16,13 +16,22 @@ All of them work on task vectors ``delta_i = W_i - W_base``:
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from mtool.merger.methods import sparsify
-from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope
+from mtool.merger.methods.base import (
+    BasePolicy,
+    ChunkedTensor,
+    MergeMethod,
+    MergeTask,
+    ParameterSpec,
+    Scope,
+    position_uniforms,
+)
 
 
 class Sparsification(enum.Enum):
@@ -50,49 +59,134 @@ class TaskVectorOptions:
     consensus: bool
 
 
-def sparsify_delta(delta: torch.Tensor, options: TaskVectorOptions, params: dict, *, rescale: bool,
-                   generator: torch.Generator | None) -> torch.Tensor:
-    """Step 1 for one task vector with its own ``density`` (and ``gamma`` / ``epsilon``)."""
-    density = params.get("density", 1.0)
-    kind = options.sparsification
-    if kind is Sparsification.NONE:
-        return delta
-    if kind is Sparsification.MAGNITUDE:
-        return sparsify.magnitude(delta, density, rescale=rescale)
-    if kind is Sparsification.RANDOM:
-        return sparsify.bernoulli(delta, density, generator=generator, rescale=rescale)
-    if kind is Sparsification.MAGNITUDE_OUTLIERS:
-        return sparsify.magnitude_outliers(delta, density, params["gamma"], rescale=rescale)
-    return sparsify.della_magprune(delta, density, params["epsilon"], generator=generator, rescale=rescale)
-
-
-def task_vector_merge(task: MergeTask, options: TaskVectorOptions) -> torch.Tensor:
-    """The whole family, steps 1-5 of the module docstring."""
-    base = task.base
-    members = task.non_base()
-    if not members:
-        return base.clone()
-    deltas = torch.empty((len(members), *base.shape), dtype=base.dtype, device=base.device)
-    for index, (tensor, params) in enumerate(members):
-        deltas[index] = sparsify_delta(torch.sub(tensor, base), options, params, rescale=bool(task.params["rescale"]),
-                                       generator=task.generator)
-    weights = torch.tensor([float(params["weight"]) for _, params in members], dtype=base.dtype, device=base.device)
-    weights = weights.reshape(-1, *([1] * base.dim()))
-    deltas.mul_(weights)
-    if options.consensus:
-        mask = sign_consensus_mask(deltas)
-        mixed = (deltas * mask).sum(dim=0)
-        divisor = (weights * mask).sum(dim=0)
+def combine_task_vectors(base: torch.Tensor, weighted: list[torch.Tensor], weights: list[float], *,
+                         consensus: bool, normalize: bool, scale: float) -> torch.Tensor:
+    """Steps 3-5 of the module docstring on weighted deltas ``d_i = weight_i * delta_i`` (sparsified)."""
+    if consensus:
+        positive = sum(weighted) >= 0  # the elected sign per entry (0 counts as positive)
+        mixed = torch.zeros_like(base)
+        divisor = torch.zeros_like(base)
+        for delta, weight in zip(weighted, weights):
+            agrees = torch.where(positive, delta > 0, delta < 0)
+            mixed.add_(delta * agrees)
+            divisor.add_(agrees, alpha=weight)
         divisor[divisor == 0] = 1
     else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
-        divisor[divisor.abs() < 1e-8] = 1
-    if task.params["normalize"]:
-        mixed.div_(divisor)
-    if task.params["lambda"] != 1:
-        mixed.mul_(task.params["lambda"])
-    return mixed.add_(base)
+        mixed = sum(weighted)
+        total = sum(weights)
+        divisor = 1.0 if abs(total) < 1e-8 else total
+    if normalize:
+        mixed = mixed / divisor
+    if scale != 1:
+        mixed = mixed * scale
+    return base + mixed
+
+
+@dataclass(frozen=True)
+class MemberState:
+    """What sparsifying one task vector needs beyond its own entries: the magnitude threshold (TIES keeps
+    ``|delta| >= threshold``; None keeps all) and the L1 rescale factor (1 without ``rescale``)."""
+
+    threshold: float | None = None
+    rescale: float = 1.0
+
+
+def _keep_mask(task: MergeTask, position: int, delta: torch.Tensor, density: float, state: MemberState,
+               sparsification: Sparsification) -> torch.Tensor | None:
+    """Which entries of a (chunk of a) task vector survive; None when all do."""
+    if sparsification is Sparsification.MAGNITUDE:
+        return None if state.threshold is None else delta.abs() >= state.threshold
+    if sparsification is Sparsification.RANDOM and density < 1:
+        if density <= 0:
+            return torch.zeros_like(delta, dtype=torch.bool)
+        draws = position_uniforms(task.seed or 0, position, task.offset, delta.numel())
+        return draws.reshape(delta.shape).to(delta.device) < density
+    return None
+
+
+def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> list[MemberState]:
+    """Per model: the k-th largest ``|delta|`` with ``k = max(1, floor(density n))`` (TIES), and with
+    ``rescale`` the factor ``||delta||_1 / ||kept||_1`` (unchanged when either is below 1e-7), streamed over
+    the tensor's chunks so no whole float32 copy of an input is ever made (the magnitudes of one model are)."""
+    states = []
+    members = [i for i in range(len(tensor.inputs)) if i != tensor.base_index]
+    for position, index in enumerate(members):
+        density = float(tensor.model_params[index].get("density", 1.0))
+        threshold = None
+        if options.sparsification is Sparsification.MAGNITUDE and density < 1:
+            count = tensor.numel
+            if density <= 0 or count == 0:
+                threshold = math.inf
+            else:
+                magnitudes = torch.empty(count, dtype=tensor.compute_dtype, device=tensor.device)
+                for start in tensor.starts():
+                    chunk = tensor.chunk(start)
+                    magnitudes[start:start + tensor.chunk_size] = (chunk.inputs[index] - chunk.base).abs_()
+                threshold = float(sparsify.kth_largest(magnitudes, max(1, int(density * count))))
+                del magnitudes
+        rescale = 1.0
+        if tensor.params["rescale"] and options.sparsification is not Sparsification.NONE and 0 < density < 1:
+            state = MemberState(threshold=threshold)
+            before = after = 0.0
+            for start in tensor.starts():
+                chunk = tensor.chunk(start)
+                delta = chunk.inputs[index] - chunk.base
+                mask = _keep_mask(chunk, position, delta, density, state, options.sparsification)
+                before += float(delta.abs().sum(dtype=torch.float64))
+                after += float((delta * mask).abs().sum(dtype=torch.float64)) if mask is not None else before
+            if before >= 1e-7 and after >= 1e-7:
+                rescale = before / after
+        states.append(MemberState(threshold=threshold, rescale=rescale))
+    return states
+
+
+def finish_task_vectors(task: MergeTask, states: list[MemberState], options: TaskVectorOptions) -> torch.Tensor:
+    """One chunk: sparsify each delta with its prepared state, weight, combine (steps 1-5)."""
+    base = task.base
+    weighted, weights = [], []
+    for position, ((tensor, params), state) in enumerate(zip(task.non_base(), states)):
+        delta = tensor - base
+        mask = _keep_mask(task, position, delta, float(params.get("density", 1.0)), state, options.sparsification)
+        if mask is not None:
+            delta.mul_(mask)
+        weight = float(params["weight"])
+        delta.mul_(state.rescale * weight)
+        weighted.append(delta)
+        weights.append(weight)
+    if not weighted:
+        return base.clone()
+    return combine_task_vectors(base, weighted, weights, consensus=options.consensus,
+                                normalize=bool(task.params["normalize"]), scale=float(task.params["lambda"]))
+
+
+def streamed_task_vector_merge(task: MergeTask, options: TaskVectorOptions) -> torch.Tensor:
+    """The whole tensor as a single chunk of :func:`prepare_task_vectors` + :func:`finish_task_vectors`."""
+    whole = ChunkedTensor(name=task.name, inputs=task.inputs, model_params=task.model_params, params=task.params,
+                          base_index=task.base_index, compute_dtype=task.base.dtype,
+                          chunk_size=max(1, task.base.numel()), seed=task.seed, device=str(task.base.device))
+    return finish_task_vectors(whole.chunk(0), prepare_task_vectors(whole, options), options).reshape(task.base.shape)
+
+
+def ranked_task_vector_merge(task: MergeTask, options: TaskVectorOptions) -> torch.Tensor:
+    """Breadcrumbs and DELLA, whose masks depend on ranks over the whole tensor (or row): whole tensors."""
+    base = task.base
+    weighted, weights = [], []
+    rescale = bool(task.params["rescale"])
+    for tensor, params in task.non_base():
+        delta = tensor - base
+        density = float(params.get("density", 1.0))
+        if options.sparsification is Sparsification.MAGNITUDE_OUTLIERS:
+            delta = sparsify.magnitude_outliers(delta, density, float(params["gamma"]), rescale=rescale)
+        else:
+            delta = sparsify.della_magprune(delta, density, float(params["epsilon"]), generator=task.generator,
+                                            rescale=rescale)
+        weight = float(params["weight"])
+        weighted.append(delta * weight)
+        weights.append(weight)
+    if not weighted:
+        return base.clone()
+    return combine_task_vectors(base, weighted, weights, consensus=options.consensus,
+                                normalize=bool(task.params["normalize"]), scale=float(task.params["lambda"]))
 
 
 def _della_window_check(shared: dict, per_model: list[dict], where: str) -> None:
@@ -124,14 +218,15 @@ def _family_member(name: str, sparsification: Sparsification, consensus: bool, n
         parameters.append(ParameterSpec("epsilon", float, Scope.NON_BASE, 0.15, 0.0, 1.0,
                                         "spread of keep probabilities around density"))
     options = TaskVectorOptions(sparsification, consensus)
-    elementwise = sparsification is Sparsification.NONE and not consensus
+    streamed = sparsification in (Sparsification.NONE, Sparsification.MAGNITUDE, Sparsification.RANDOM)
     return MergeMethod(
         name=name,
-        function=partial(task_vector_merge, options=options),
+        function=partial(streamed_task_vector_merge if streamed else ranked_task_vector_merge, options=options),
+        prepare=partial(prepare_task_vectors, options=options) if streamed else None,
+        finish=partial(finish_task_vectors, options=options) if streamed else None,
         parameters=tuple(parameters),
         base=BasePolicy.REQUIRED,
         random=sparsification in (Sparsification.RANDOM, Sparsification.DELLA),
-        elementwise=elementwise,
         description=description,
         reference=reference,
         extra_checks=(_della_window_check,) if sparsification is Sparsification.DELLA else (),
