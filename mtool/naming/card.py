@@ -241,7 +241,7 @@ def _summary(content: CardContent) -> str:
     base = roles["base"][0] if roles["base"] else None
     data = f" on {_code(lineage.dataset.id)}" if lineage.dataset else ""
     if lineage.operation == "merge":
-        models = ", ".join(_code(m) for m in roles["model"] + roles["base"])
+        models = ", ".join(_code(m) for m in dict.fromkeys(roles["model"] + roles["base"]))
         on_base = f", with {_code(base)} as the base" if base else ""
         return f"{content.title} is a {method} merge of {models}{on_base}, made with mtool."
     if lineage.operation == "combine":
