@@ -341,7 +341,6 @@ def render_body(content: CardContent) -> str:
                   + (f", BaseVariant {_code(n.base_variant)}" if n.base_variant else "")
                   + f", Label {_code(n.label)}, Method {_code(n.method)} (Hub relation {n.relation}), "
                   f"version {_code(n.version)}" + (", LoRA adapter" if n.lora else "") + ".", ""]
-    lines += ["## Model", ""]
     model_rows: dict[str, object] = {
         "Family": facts.base.family if facts.base else None,
         "Size": f"{facts.size} ({facts.parameters.total:,} parameters)" if facts.parameters else facts.size,
@@ -352,7 +351,8 @@ def render_body(content: CardContent) -> str:
         targets = facts.adapter_config.get("target_modules")
         model_rows.update({"Rank": facts.adapter_config.get("r"), "Alpha": facts.adapter_config.get("lora_alpha"),
                            "Target modules": ", ".join(sorted(targets)) if isinstance(targets, list) else targets})
-    lines += _table(model_rows, ("", "")) + [""]
+    if any(value is not None for value in model_rows.values()):
+        lines += ["## Model", ""] + _table(model_rows, ("", "")) + [""]
 
     if lineage is not None:
         lines += ["## Lineage", "",
