@@ -292,3 +292,12 @@ def test_card_cli_refuses_to_overwrite_without_force(folders: Folders, tmp_path:
 def test_write_card_on_a_missing_folder_is_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(InputError):
         write_card(tmp_path / "missing")
+
+
+def test_lint_accepts_a_release_the_config_cannot_confirm(folders: Folders) -> None:
+    size = _label(_count(folders.local_merge))
+    report = lint_name(f"Llama-3.1-{size}-Kimiko-TIES-v1.0", folders.local_merge)
+    assert report.ok and "unverified" in {f.rule for f in report.findings}
+    report = lint_name(f"Mistral-{size}-Kimiko-TIES-v1.0", folders.local_merge)
+    assert "family-mismatch" in {f.rule for f in report.findings}
+    assert report.suggestion == f"Llama-{size}-Kimiko-TIES-v1.0"

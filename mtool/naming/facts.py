@@ -133,7 +133,7 @@ def family_of_reference(reference: str, path: str | None = None) -> Derived | No
         config = read_json(folder / "config.json")
         configured = family_from_config(config) if config else None
         if configured is not None:
-            return Derived(BaseModelName(configured.family), configured.note)
+            return Derived(configured.as_base(), configured.note)
     if find_family(split_model_id(reference)) is not None:
         return Derived(family_from_model_id(reference), f"the name {reference}")
     return None
@@ -319,7 +319,7 @@ def read_facts(folder: str | Path) -> FolderFacts:
     if family is None and config:
         configured = family_from_config(config)
         if configured is not None:
-            family = Derived(BaseModelName(configured.family), configured.note)
+            family = Derived(configured.as_base(), configured.note)
     if family is not None:
         facts.base, facts.family_source = family.value, family.source  # type: ignore[assignment]
     else:

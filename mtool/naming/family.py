@@ -130,6 +130,7 @@ class BaseModelName:
     size: str | None = None
     variant: str | None = None
     derived: bool = False  # the id names a derivative whose family was found inside it (Hermes-2-Pro-Llama-3-8B)
+    release_known: bool = True  # False when only config.json's model_type was known (no release version)
 
 
 def split_model_id(model_id: str) -> list[str]:
@@ -172,6 +173,10 @@ def family_from_model_id(model_id: str) -> BaseModelName:
 class ConfigFamily:
     family: str
     note: str  # how it was derived, for the card's gaps and lint's info
+    release_known: bool = True
+
+    def as_base(self) -> BaseModelName:
+        return BaseModelName(self.family, release_known=self.release_known)
 
 
 _MODEL_TYPES = {
@@ -208,7 +213,8 @@ def family_from_config(config: dict) -> ConfigFamily | None:
         if vocab == 32000 and config.get("sliding_window") is None and config.get("rope_theta") == 1000000.0:
             return ConfigFamily("Mistral-v0.2", "Mistral v0.2 RoPE base in config.json")
     family = _MODEL_TYPES.get(model_type, model_type.replace("_", "-"))
-    return ConfigFamily(family, f"model_type {model_type!r} in config.json (release version unknown)")
+    return ConfigFamily(family, f"model_type {model_type!r} in config.json (release version unknown)",
+                        release_known=False)
 
 
 def is_variant_word(token: str) -> bool:

@@ -75,8 +75,7 @@ def _family_against(parts: NameParts, facts: FolderFacts) -> list[Finding]:
     expected = facts.base.family
     if parts.family == expected:
         return []
-    uncertain = "release version unknown" in facts.family_source
-    if uncertain and parts.family.lower().startswith(expected.lower()):
+    if not facts.base.release_known and parts.family.lower().startswith(expected.lower()):
         return [Finding("unverified", f"the release in {parts.family} could not be checked ({facts.family_source})",
                         "nothing to fix if the release is right")]
     return [Finding("family-mismatch", f"Family {parts.family} but the lineage root is {expected} "
