@@ -301,3 +301,10 @@ def test_lint_accepts_a_release_the_config_cannot_confirm(folders: Folders) -> N
     report = lint_name(f"Mistral-{size}-Kimiko-TIES-v1.0", folders.local_merge)
     assert "family-mismatch" in {f.rule for f in report.findings}
     assert report.suggestion == f"Llama-{size}-Kimiko-TIES-v1.0"
+
+
+def test_a_staging_folder_is_named_after_its_target(tmp_path: Path) -> None:
+    from mtool.naming.facts import output_name
+
+    assert output_name(tmp_path / ".Medic-out.partial-k2j_9x") == "Medic-out"
+    assert output_name(tmp_path / "plain") == "plain"

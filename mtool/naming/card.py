@@ -281,7 +281,7 @@ def _usage(content: CardContent) -> list[str]:
     model_id = content.repo_id
     chat = bool((facts.folder / "chat_template.jinja").is_file()
                 or (read_json(facts.folder / "tokenizer_config.json") or {}).get("chat_template"))
-    prompt = (['messages = [{"role": "user", "content": "Write a haiku about model merging."}]',
+    prompt = (['messages = [{"role": "user", "content": "Hello! What can you help me with?"}]',
                'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",',
                '                                       return_dict=True).to(model.device)']
               if chat else ['inputs = tokenizer("Model merging is", return_tensors="pt").to(model.device)'])
