@@ -17,8 +17,9 @@ MODEL_DIR = click.Path(exists=True, file_okay=False)
 def name() -> None:
     """Standardized model names: suggest one from a folder's lineage, lint or parse one.
 
-    NAME = <Family>-<Size>[-<BaseVariant>]-<Label>-<Method>-v<Major>.<Minor>[-LoRA][-<Encoding>],
-    e.g. Llama-3.1-8B-Instruct-Medic-SFT-v1.0-LoRA (see docs/naming.md).
+    \b
+    NAME = <Family>-<Size>[-<BaseVariant>]-<Label>-<Method>-v<Major>.<Minor>[-LoRA][-<Encoding>]
+    e.g.   Llama-3.1-8B-Instruct-Medic-SFT-v1.0-LoRA (see docs/naming.md)
     """
 
 

@@ -7,7 +7,7 @@ from the folder's lineage with ``--model``, else from the name's own words (:mod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mtool.errors import InputError
@@ -29,7 +29,6 @@ class LintReport:
     parts: NameParts
     suggestion: str | None = None
     checked_against: str | None = None
-    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -37,7 +36,7 @@ class LintReport:
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "ok": self.ok, "findings": [f.to_dict() for f in self.findings],
-                "suggestion": self.suggestion, "checked_against": self.checked_against}
+                "parts": asdict(self.parts), "suggestion": self.suggestion, "checked_against": self.checked_against}
 
 
 def family_findings(decomposition: Decomposition) -> list[Finding]:

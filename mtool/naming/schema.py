@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from mtool.errors import InputError
 from mtool.naming.methods import Relation, canonical_method, find_method, relation_of
 from mtool.naming.rules import Finding, has_errors
-from mtool.naming.size import SIZE_PATTERN
 
 NAME_MAX_LENGTH = 96
 LORA = "LoRA"
