@@ -308,3 +308,16 @@ def test_a_staging_folder_is_named_after_its_target(tmp_path: Path) -> None:
 
     assert output_name(tmp_path / ".Medic-out.partial-k2j_9x") == "Medic-out"
     assert output_name(tmp_path / "plain") == "plain"
+
+
+def test_mtool_merge_writes_a_card_that_names_the_merge(folders: Folders, tmp_path: Path, run_cli) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"merge_method: slerp\nbase_model: {folders.base}\nmodels:\n  - model: {folders.base}\n"
+                      f"  - model: {folders.local_merge}\nparameters:\n  t: 0.3\ndtype: float32\n", encoding="utf-8")
+    out = tmp_path / "Kimiko-merge"
+    run_cli("merge", recipe, out)
+    card, data = _load(out / "README.md")
+    size = _label(_count(out))
+    assert data["model_name"] == str(suggest_name(out)) == f"Llama-{size}-Local-SLERP-v1.0"  # "merge" is no Label word
+    assert "base_model" not in data and "slerp" in data["tags"]
+    assert str(folders.local_merge) in card.text and "merge_method: slerp" in card.text
