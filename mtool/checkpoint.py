@@ -732,7 +732,7 @@ def resolve_model(reference: str, revision: str | None = None, *, download: bool
         download = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("1", "true", "yes")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+    patterns = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
     try:
         folder = snapshot_download(reference, revision=revision, allow_patterns=patterns, local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure means "not cached"
