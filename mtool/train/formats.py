@@ -1,0 +1,214 @@
+"""Training examples as text with the character ranges the loss is computed on.
+
+Every data format becomes a :class:`Rendered` example: the text the model reads, the spans of it that are
+trained (the responses, or everything with ``train_on_prompt``), and whether an end-of-sequence token follows
+so the model learns to stop. Formats (``data.format``, detected from the columns when ``auto``):
+
+===================  ========================================  =========================================
+format               columns                                   trained on
+===================  ========================================  =========================================
+``chat``             ``messages`` (role/content) or ShareGPT   every assistant turn, with its end-of-turn
+                     ``conversations`` (from/value)            markers, as the chat template renders them
+``alpaca``           ``instruction``, ``input``, ``output``,   ``output``; rendered as a chat (system?,
+                     optional ``system``                       user = instruction + input, assistant)
+``prompt_completion``  ``prompt``, ``completion`` (strings, or   ``completion``
+                     lists of messages)
+``text``             ``text``                                  everything
+===================  ========================================  =========================================
+
+Assistant turns are located by rendering the conversation incrementally: the prompt of turn *i* is the
+template applied to messages ``[:i]`` with the generation prompt, and the turn ends where the template applied
+to ``[:i+1]`` ends; the text between is trained. This works with any template that renders a conversation's
+prefix as a prefix of the whole (nearly all do); one that does not is reported with what to do.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtool.errors import ConfigError, InputError
+
+FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
+    # format -> alternative column sets that identify it (first match wins, in this order)
+    "chat": (("messages",), ("conversations",)),
+    "alpaca": (("instruction", "output"),),
+    "prompt_completion": (("prompt", "completion"),),
+    "text": (("text",),),
+}
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                  "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
+_MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """One example as text; ``spans`` are the trained ``[start, end)`` character ranges, in order."""
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+    append_eos: bool = True
+
+
+def detect_format(columns: Sequence[str], where: str) -> str:
+    """The data format a set of column names identifies (see the module table)."""
+    present = set(columns)
+    for name, alternatives in FORMAT_COLUMNS.items():
+        if any(set(needed) <= present for needed in alternatives):
+            return name
+    raise InputError(f"cannot tell the data format from the columns {sorted(present)}", where=where,
+                     fix="use messages (chat), instruction/input/output (alpaca), prompt/completion or text columns, "
+                         "or set data.format")
+
+
+def check_columns(data_format: str, columns: Sequence[str], where: str) -> None:
+    """Refuse a forced format whose columns are missing."""
+    present = set(columns)
+    if not any(set(needed) <= present for needed in FORMAT_COLUMNS[data_format]):
+        wanted = " or ".join("/".join(needed) for needed in FORMAT_COLUMNS[data_format])
+        raise InputError(f"data.format is {data_format}, but the data has no {wanted} column (it has {sorted(present)})",
+                         where=where, fix="set data.format to auto or rename the columns")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chat templates
+
+
+def builtin_templates() -> dict[str, str]:
+    from mtool.merger.chat_templates import BUILTIN_TEMPLATES
+
+    return BUILTIN_TEMPLATES
+
+
+def resolve_chat_template(value: str | None, tokenizer_template: str | None, data_format: str) -> str | None:
+    """The Jinja template used to render conversations.
+
+    ``value`` (``data.chat_template``): a built-in name, a path to a ``.jinja`` file, or Jinja text. Without
+    one, the tokenizer's own template; a tokenizer without one gets the built-in ``alpaca`` template for
+    alpaca data, and chat data is refused (no way to guess the format the model should learn).
+    """
+    templates = builtin_templates()
+    if value:
+        if value in templates:
+            return templates[value]
+        if "{{" in value or "{%" in value:
+            return value
+        path = Path(value).expanduser()
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+        raise ConfigError(f"data.chat_template: {value!r} is neither a built-in template, a file nor Jinja text",
+                          fix=f"use one of {', '.join(templates)}, a path to a .jinja file, or a template")
+    if tokenizer_template:
+        return tokenizer_template
+    if data_format == "alpaca":
+        return templates["alpaca"]
+    if data_format in ("chat", "prompt_completion"):
+        return None  # decided per example: only conversational prompt/completion data needs one
+    return None
+
+
+def template_markers(template: str) -> list[str]:
+    """The ``<|name|>`` markers a template writes literally (chatml's ``<|im_start|>``, llama3's ``<|eot_id|>``)."""
+    return list(dict.fromkeys(_MARKER.findall(template)))
+
+
+class ChatRenderer:
+    """Renders conversations with one template and finds the assistant turns in the text."""
+
+    def __init__(self, tokenizer: Any, template: str | None) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+
+    def render(self, messages: list[dict[str, str]], *, generation_prompt: bool = False) -> str:
+        if self.template is None:
+            raise InputError("the data holds conversations but the tokenizer has no chat template",
+                             where="data.chat_template",
+                             fix=f"name one: data.chat_template = {' | '.join(builtin_templates())}")
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                                      add_generation_prompt=generation_prompt)
+        except TemplateError as error:
+            raise InputError(f"the chat template refused a conversation: {error}", where="data.chat_template",
+                             fix="check the roles and their order in the data, or choose another template") from None
+
+    def conversation(self, messages: list[dict[str, str]], *, train_on_prompt: bool) -> Rendered:
+        """The whole conversation, trained on each assistant turn (or on everything)."""
+        text = self.render(messages)
+        spans: list[tuple[int, int]] = []
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = self.render(messages[:index], generation_prompt=True) if index else ""
+            through = self.render(messages[: index + 1])
+            if not (text.startswith(prompt) and text.startswith(through) and len(prompt) <= len(through)):
+                raise InputError("the chat template does not render a conversation's beginning as the beginning "
+                                 "of the whole, so the assistant turns cannot be located",
+                                 where="data.chat_template",
+                                 fix="choose another template (data.chat_template) or set data.train_on_prompt")
+            spans.append((len(prompt), len(through)))
+        if train_on_prompt:
+            spans = [(0, len(text))]
+        eos = self.tokenizer.eos_token or ""
+        last = text[spans[-1][0]: spans[-1][1]] if spans else ""
+        return Rendered(text, tuple(spans), append_eos=not (eos and eos in last))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Records -> Rendered
+
+
+def normalize_messages(raw: Any, where: str) -> list[dict[str, str]]:
+    """``[{role, content}]`` from OpenAI-style messages or ShareGPT ``{from, value}`` turns."""
+    if not isinstance(raw, list) or not raw:
+        raise InputError("a conversation must be a non-empty list of messages", where=where)
+    messages = []
+    for turn in raw:
+        if not isinstance(turn, Mapping):
+            raise InputError(f"a message must be a mapping, got {type(turn).__name__}", where=where)
+        if "role" in turn:
+            role, content = turn["role"], turn.get("content")
+        elif "from" in turn:
+            role, content = SHAREGPT_ROLES.get(str(turn["from"]), str(turn["from"])), turn.get("value")
+        else:
+            raise InputError(f"a message needs role/content (or from/value), got keys {sorted(turn)}", where=where)
+        messages.append({"role": str(role), "content": "" if content is None else str(content)})
+    return messages
+
+
+def alpaca_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
+    """system (optional), user = instruction [+ blank line + input], assistant = output."""
+    instruction = str(record.get("instruction") or "")
+    extra = record.get("input")
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    messages = [{"role": "system", "content": str(record["system"])}] if record.get("system") else []
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": str(record.get("output") or "")}]
+
+
+def render_record(record: Mapping[str, Any], data_format: str, chat: ChatRenderer, *, train_on_prompt: bool,
+                  where: str) -> Rendered:
+    """One raw record as a :class:`Rendered` example."""
+    if data_format == "text":
+        text = str(record.get("text") or "")
+        return Rendered(text, ((0, len(text)),))
+    if data_format == "alpaca":
+        return chat.conversation(alpaca_messages(record), train_on_prompt=train_on_prompt)
+    if data_format == "chat":
+        raw = record.get("messages") if record.get("messages") is not None else record.get("conversations")
+        return chat.conversation(normalize_messages(raw, where), train_on_prompt=train_on_prompt)
+    if data_format == "prompt_completion":
+        prompt, completion = record.get("prompt"), record.get("completion")
+        if isinstance(prompt, list) or isinstance(completion, list):
+            prompt_messages = normalize_messages(prompt, where) if prompt else []
+            completion_messages = normalize_messages(completion if isinstance(completion, list)
+                                                     else [{"role": "assistant", "content": completion}], where)
+            return chat.conversation(prompt_messages + completion_messages, train_on_prompt=train_on_prompt)
+        prompt, completion = str(prompt or ""), str(completion or "")
+        text = prompt + completion
+        start = 0 if train_on_prompt else len(prompt)
+        return Rendered(text, ((start, len(text)),))
+    raise ConfigError(f"unknown data format {data_format!r}", where="data.format")

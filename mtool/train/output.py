@@ -1,0 +1,113 @@
+"""The output folder of a training run: adapter, tokenizer, config, metrics, loss curve, lineage, card."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mtool.checkpoint import ModelRef, atomic_output_dir
+from mtool.lineage import Dataset, Lineage, describe_parent, hash_files, write_lineage
+from mtool.train.config import CONFIG_FILENAME, TrainConfig
+from mtool.train.data import DataSource, DataStats
+from mtool.train.metrics import MetricsLog, plot_losses
+
+
+@dataclass(frozen=True)
+class OutputFacts:
+    """What the run resolved, for the lineage record and the card."""
+
+    config: TrainConfig
+    base: ModelRef
+    data_source: DataSource
+    data_format: str
+    stats: DataStats
+    added_tokens: list[str]
+    template: str | None
+    total_steps: int
+    warmup_steps: int
+    world_size: int
+    compute_dtype: str
+    liger: bool
+    train_examples: int
+    eval_examples: int
+
+
+def write_output(out: Path, model: Any, tokenizer: Any, facts: OutputFacts, metrics: dict[str, Any],
+                 metrics_log: MetricsLog, *, force: bool) -> Path:
+    """Write the adapter folder atomically (nothing appears at ``out`` unless all of it was written)."""
+    config = facts.config
+    with atomic_output_dir(out, force=force, inputs=[facts.base.path]) as staging:
+        model.save_pretrained(staging)
+        _point_adapter_at_base(staging, facts.base)
+        tokenizer.save_pretrained(staging)
+        (staging / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
+        shutil.copyfile(metrics_log.path, staging / "metrics.jsonl")
+        plot_losses(metrics_log.rows(), staging / "loss.png", title=f"{Path(config.base).name} - {config.method}")
+        record = lineage_record(facts, model, metrics, staging)
+        write_lineage(staging, record)
+        _write_card(staging)
+    return out
+
+
+def _point_adapter_at_base(folder: Path, base: ModelRef) -> None:
+    """``base_model_name_or_path``: the Hub id for a Hub base, else the local folder (not a cache path)."""
+    path = folder / "adapter_config.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["base_model_name_or_path"] = base.id if base.is_hub else str(Path(base.path).resolve())
+    if base.revision:
+        data["revision"] = base.revision
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def lineage_record(facts: OutputFacts, model: Any, metrics: dict[str, Any], folder: Path) -> Lineage:
+    config = facts.config
+    peft_config = model.peft_config["default"]
+    targets = peft_config.target_modules
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    settings = config.training
+    parameters = {
+        "objective": "sft",
+        "lora_scale": config.lora.resolved_alpha / (config.lora.rank ** 0.5 if config.lora.rslora else config.lora.rank),
+        "target_modules": sorted({name.rsplit(".", 1)[-1] for name in targets})
+        if isinstance(targets, (set, list)) else targets,
+        "modules_to_save": sorted(peft_config.modules_to_save or []),
+        "added_tokens": facts.added_tokens,
+        "compute_dtype": facts.compute_dtype,
+        "liger_kernels": facts.liger,
+        "total_steps": facts.total_steps,
+        "warmup_steps": facts.warmup_steps,
+        "processes": facts.world_size,
+        "effective_batch_size": settings.micro_batch_size * settings.grad_accum * facts.world_size,
+        "trainable_parameters": trainable,
+        "data_format": facts.data_format,
+    }
+    dataset = Dataset(id=", ".join(config.data.path), sha256=facts.data_source.sha256, examples=facts.stats.examples,
+                      format=facts.data_format, train_examples=facts.train_examples,
+                      eval_examples=facts.eval_examples, tokens=facts.stats.tokens,
+                      trained_tokens=facts.stats.trained_tokens, truncated=facts.stats.truncated,
+                      dropped=facts.stats.dropped)
+    return Lineage(operation="train", method=config.method, parents=[describe_parent(facts.base, "base")],
+                   recipe=config.as_dict(), parameters=parameters, seed=config.seed, dataset=dataset,
+                   outputs=hash_files(sorted(folder.glob("*.safetensors"))), parameter_count=trainable,
+                   metrics=metrics, is_adapter=True)
+
+
+def _write_card(folder: Path) -> None:
+    """The model card, when the naming part of mtool is installed (it reads the lineage just written)."""
+    if importlib.util.find_spec("mtool.naming.card") is None:
+        return
+    from mtool.naming.card import write_card
+
+    write_card(folder)
+
+
+def merge_into_base(base: ModelRef, adapter: Path, output: Path, *, force: bool) -> Path:
+    """The full model with the adapter folded into the original (16-bit) base, via ``mtool adapters merge``."""
+    from mtool.adapters.merge import AdapterMergeOptions, merge_adapters
+
+    reference = base.id if base.is_hub else str(base.path)
+    return merge_adapters(reference, [str(adapter)], output, AdapterMergeOptions(force=force)).output

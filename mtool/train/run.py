@@ -1,0 +1,258 @@
+"""``mtool train`` from start to finish: config -> tokenizer + data -> model -> loop -> adapter folder.
+
+The output folder (written atomically when training succeeded) holds the PEFT adapter
+(``adapter_config.json``, ``adapter_model.safetensors``), the tokenizer with the chat template the data was
+rendered with, ``train-config.yaml`` (the resolved config), ``metrics.jsonl``, ``loss.png``, the lineage
+record ``mtool-lineage.json`` and the model card ``README.md``. Checkpoints live in ``<out>-checkpoints``
+(``checkpoints.dir``) and stay there after the run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mtool import ui
+from mtool.checkpoint import ModelRef, check_output_target, resolve_model
+from mtool.errors import CheckpointError, ConfigError, OutputExistsError
+from mtool.train.config import CONFIG_FILENAME, TrainConfig, resume_differences, validate_config
+from mtool.train.data import (
+    DataSource,
+    DataStats,
+    data_fingerprint,
+    find_data,
+    load_records,
+    split_for_eval,
+    tokenize_dataset,
+)
+from mtool.train.distributed import Processes, barrier, join_processes, leave_processes, unwrap, wrap_for_data_parallel
+from mtool.train.formats import check_columns, detect_format
+from mtool.train.loop import Loop, run_loop
+from mtool.train.metrics import MetricsLog, plot_losses
+from mtool.train.state import latest_checkpoint, load_checkpoint, read_progress
+
+if TYPE_CHECKING:
+    import datasets
+
+
+@dataclass
+class PreparedData:
+    """The tokenized training (and evaluation) examples and where they came from."""
+
+    source: DataSource
+    data_format: str
+    template: str | None
+    added_tokens: list[str]
+    train: "datasets.Dataset"
+    eval: "datasets.Dataset | None"
+    stats: DataStats
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    metrics: dict[str, Any]
+    merged: Path | None
+
+
+def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> TrainResult | None:
+    """Train as ``config`` says; the main process returns the result, the others None."""
+    processes = join_processes()
+    try:
+        return _train(config, processes, resume=resume, force=force)
+    finally:
+        leave_processes(processes)
+
+
+def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bool) -> TrainResult | None:
+    import torch
+
+    base = resolve_model(config.base, config.model.revision)
+    out = Path(config.out)
+    inputs = [base.path, *config.data.path, *config.data.eval_path]
+    check_output_target(out, force=force, inputs=inputs)
+    if config.merge:
+        check_output_target(config.merged_dir, force=force, inputs=inputs)
+    resume_from = _checkpoint_to_resume(config, resume=resume, force=force, processes=processes)
+    if processes.is_main:
+        ui.info("config:\n  " + config.to_yaml().strip().replace("\n", "\n  "))
+
+    from mtool.train.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(base.path), trust_remote_code=config.model.trust_remote_code)
+    if not processes.is_main:
+        barrier(processes)  # the main process tokenizes first; the others then read its cache
+    data = prepare_data(config, tokenizer)
+    if processes.is_main:
+        barrier(processes)
+    if processes.is_main:
+        _report_data(config, data)
+        _preflight(config, base, processes)
+
+    from mtool.train.batching import plan_steps
+    from mtool.train.model import build_model, resolve_compute_dtype, trainable_parameters
+    from mtool.train.optim import build_optimizer, warmup_steps_for
+
+    peft_model, liger = build_model(str(base.path), tokenizer, config.model, config.lora, device=processes.device,
+                                    seed=config.seed)
+    optimizer = build_optimizer(trainable_parameters(peft_model), config.training, processes.device)
+    compute_dtype = resolve_compute_dtype(config.model.compute_dtype, processes.device)
+    scaler = torch.amp.GradScaler("cuda") if compute_dtype == torch.float16 and processes.device.type == "cuda" \
+        else None
+    settings = config.training
+    plan = plan_steps(data.train["length"], seed=config.seed, epochs=settings.epochs, max_steps=settings.max_steps,
+                      batch_size=settings.micro_batch_size, seq_len=config.data.seq_len, packing=config.data.packing,
+                      grad_accum=settings.grad_accum, world_size=processes.world_size, rank=processes.rank)
+    checkpoint_dir = config.checkpoint_dir
+    if processes.is_main:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    barrier(processes)
+    metrics_log = MetricsLog(checkpoint_dir / "metrics.jsonl")
+    loop = Loop(config=config, model=peft_model, optimizer=optimizer, train_data=data.train, eval_data=data.eval,
+                plan=plan, warmup_steps=warmup_steps_for(settings, len(plan)), processes=processes,
+                pad_id=tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir, metrics=metrics_log,
+                config_yaml=config.to_yaml(), scaler=scaler)
+    if resume_from is not None:
+        loop.progress = load_checkpoint(resume_from, model=peft_model, optimizer=optimizer)
+        if scaler is not None and loop.progress.scaler:
+            scaler.load_state_dict(loop.progress.scaler)
+        if processes.is_main:
+            metrics_log.keep_until(loop.progress.step)
+            ui.info(f"resuming from {resume_from} (step {loop.progress.step} of {len(plan)})")
+    elif processes.is_main:
+        metrics_log.path.write_text("", encoding="utf-8")
+    loop.model = wrap_for_data_parallel(peft_model, processes)
+    if processes.is_main:
+        trainable = sum(p.numel() for p in trainable_parameters(peft_model))
+        ui.info(f"{len(plan)} steps of {settings.grad_accum * processes.world_size} micro-batches "
+                f"({processes.world_size} process(es)); {trainable:,} trainable parameters; "
+                f"{'Liger kernels on' if liger else 'no fused kernels'}; device {processes.device}")
+    final_metrics = run_loop(loop)
+    result = None
+    if processes.is_main:
+        from mtool.train.output import OutputFacts, write_output
+
+        facts = OutputFacts(config=config, base=base, data_source=data.source, data_format=data.data_format,
+                            stats=data.stats, added_tokens=data.added_tokens, template=data.template,
+                            total_steps=len(plan), warmup_steps=loop.warmup_steps, world_size=processes.world_size,
+                            compute_dtype=str(compute_dtype).removeprefix("torch."), liger=liger,
+                            train_examples=len(data.train), eval_examples=len(data.eval) if data.eval else 0)
+        folder = write_output(out, unwrap(loop.model), tokenizer, facts, final_metrics, metrics_log, force=force)
+        ui.info(f"adapter written to {folder}")
+        merged = None
+        if config.merge:
+            from mtool.train.output import merge_into_base
+
+            merged = merge_into_base(base, folder, config.merged_dir, force=force)
+            ui.info(f"merged model written to {merged}")
+        result = TrainResult(folder, final_metrics, merged)
+    barrier(processes)
+    return result
+
+
+def _checkpoint_to_resume(config: TrainConfig, *, resume: bool, force: bool, processes: Processes) -> Path | None:
+    """The checkpoint to continue from (``--resume``), after checking it belongs to this run's config."""
+    directory = config.checkpoint_dir
+    if not resume:
+        if directory.exists() and any(directory.iterdir()):
+            if not force:
+                raise OutputExistsError(f"checkpoints of an earlier run exist in {directory}",
+                                        fix="pass --resume to continue that run, or --force to start over")
+            barrier(processes)
+            if processes.is_main:
+                shutil.rmtree(directory)
+            barrier(processes)
+        return None
+    newest = latest_checkpoint(directory)
+    if newest is None:
+        raise CheckpointError(f"nothing to resume: no checkpoint in {directory}",
+                              fix="start without --resume (or point checkpoints.dir at the earlier run's folder)")
+    saved = validate_config(_read_yaml(newest / CONFIG_FILENAME), where=str(newest / CONFIG_FILENAME))
+    differences = resume_differences(saved, config)
+    if differences:
+        raise ConfigError("the config differs from the one the checkpoint was trained with: " + "; ".join(differences),
+                          where=str(newest), fix="resume with the same settings, or start over with --force")
+    progress = read_progress(newest)
+    if progress.world_size != processes.world_size:
+        raise ConfigError(f"the checkpoint was written by a run of {progress.world_size} process(es), this one has "
+                          f"{processes.world_size}", where=str(newest),
+                          fix="resume with the same number of processes (the data order depends on it)")
+    return newest
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    from mtool.train.config import read_config_file
+
+    return read_config_file(path)
+
+
+def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
+    """Read, render and tokenize the training data (and the evaluation data or split)."""
+    from mtool.train.tokenizer import prepare_tokenizer
+
+    settings = config.data
+    source = find_data(settings.path)
+    records = load_records(source, split=settings.split)
+    if settings.max_examples is not None and settings.max_examples < len(records):
+        records = records.select(range(settings.max_examples))
+    where = ", ".join(settings.path)
+    if settings.format == "auto":
+        data_format = detect_format(records.column_names, where)
+    else:
+        data_format = settings.format
+        check_columns(data_format, records.column_names, where)
+    setup = prepare_tokenizer(tokenizer, chat_template=settings.chat_template, data_format=data_format,
+                              add_tokens=settings.add_tokens)
+
+    def tokenized(dataset: "datasets.Dataset", source_of: DataSource, label: str):
+        fingerprint = data_fingerprint(source_of.sha256, label, data_format, setup.template, settings.seq_len,
+                                       settings.train_on_prompt, settings.max_examples,
+                                       tokenizer.backend_tokenizer.to_str())
+        return tokenize_dataset(dataset, tokenizer, data_format=data_format, template=setup.template,
+                                seq_len=settings.seq_len, train_on_prompt=settings.train_on_prompt,
+                                fingerprint=fingerprint, where=label)
+
+    train_data = tokenized(records, source, where)
+    if train_data.stats.kept == 0:
+        raise_no_trainable(train_data.stats, where)
+    eval_data = None
+    train_set = train_data.dataset
+    if settings.eval_path:
+        eval_source = find_data(settings.eval_path, key="data.eval_path")
+        eval_records = load_records(eval_source, split=settings.split, key="data.eval_path")
+        eval_data = tokenized(eval_records, eval_source, ", ".join(settings.eval_path)).dataset
+    elif settings.eval_fraction > 0:
+        train_set, eval_data = split_for_eval(train_data, settings.eval_fraction, config.seed)
+    return PreparedData(source, data_format, setup.template, setup.added_tokens, train_set, eval_data,
+                        train_data.stats)
+
+
+def raise_no_trainable(stats: DataStats, where: str) -> None:
+    from mtool.errors import InputError
+
+    raise InputError(f"none of the {stats.examples} examples has a token to train on (every label is masked)",
+                     where=where, fix="check the responses are not empty, raise data.seq_len if prompts are long, "
+                                      "or set data.train_on_prompt")
+
+
+def _report_data(config: TrainConfig, data: PreparedData) -> None:
+    stats = data.stats
+    ui.info(f"data: {data.data_format} format; {stats.describe(config.data.seq_len)}"
+            + (f"; {len(data.eval)} held out for evaluation" if data.eval is not None else ""))
+    if stats.dropped:
+        ui.warn(f"{stats.dropped} of {stats.examples} examples have no token to train on (empty response, or the "
+                f"response lies beyond data.seq_len={config.data.seq_len}) and are skipped")
+    if stats.truncated:
+        ui.warn(f"{stats.truncated} of {stats.examples} examples are longer than data.seq_len={config.data.seq_len} "
+                f"and were cut ({stats.tokens_cut} tokens lost)")
+
+
+def _preflight(config: TrainConfig, base: ModelRef, processes: Processes) -> None:
+    """Print the memory estimate; warn when it will not fit the GPU."""
+    from mtool.train.estimate import detected_gpu_memory, estimate_for_config, fit_report
+
+    estimate = estimate_for_config(config, base.path, device=processes.device)
+    capacity = detected_gpu_memory(processes.device)
+    ui.info(fit_report(estimate, capacity))

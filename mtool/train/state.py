@@ -1,0 +1,168 @@
+"""Training checkpoints: everything a resumed run needs to continue as if it had never stopped.
+
+A checkpoint is a folder ``<checkpoint dir>/step-000200`` written atomically (built beside it and renamed into
+place, so a kill while writing leaves the previous checkpoint as the newest). It holds:
+
+- ``adapter_model.safetensors`` + ``adapter_config.json``: the trainable weights as a PEFT adapter (usable
+  for inference as it is);
+- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer state, its tensors in safetensors and the rest
+  (step counts, hyper-parameters) in JSON: no pickle is ever written or read;
+- ``trainer-state.json``: the step (which fixes the learning rate, the data position and the random state, all
+  functions of the step), the epoch, token counters, elapsed time and the fp16 loss-scaler state;
+- ``train-config.yaml``: the config, compared with the resuming run's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mtool.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
+
+STEP_FOLDER = re.compile(r"^step-(\d+)$")
+STATE_FILENAME = "trainer-state.json"
+
+
+@dataclass
+class Progress:
+    """Where a run stands after ``step`` optimizer steps."""
+
+    step: int = 0
+    epoch: int = 0
+    tokens: int = 0  # real tokens processed (all processes)
+    trained_tokens: int = 0
+    elapsed_s: float = 0.0
+    world_size: int = 1
+    scaler: dict[str, Any] | None = field(default=None)  # torch GradScaler state (fp16 only)
+
+
+def step_folder(directory: Path, step: int) -> Path:
+    return directory / f"step-{step:06d}"
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in ``directory`` as ``(step, folder)``, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for child in directory.iterdir():
+        match = STEP_FOLDER.match(child.name)
+        if match and (child / STATE_FILENAME).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    checkpoints = list_checkpoints(directory)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    for _, folder in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer state <-> safetensors + JSON
+
+
+def flatten_state(state: dict[str, Any]) -> tuple[dict[str, "torch.Tensor"], dict[str, Any]]:
+    """Split an optimizer ``state_dict`` into tensors keyed by their path (``state/3/exp_avg``) and a JSON tree
+    of everything else, with each tensor's place marked ``{"__tensor__": path}``."""
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, path: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[path] = value.detach().cpu().contiguous()
+            return {"__tensor__": path}
+        if isinstance(value, dict):
+            return {"__dict__": [[key, walk(item, f"{path}/{key}")] for key, item in value.items()]}
+        if isinstance(value, (list, tuple)):
+            return [walk(item, f"{path}/{i}") for i, item in enumerate(value)]
+        return value
+
+    return tensors, walk(state, "")
+
+
+def unflatten_state(tensors: dict[str, "torch.Tensor"], tree: Any) -> Any:
+    """The inverse of :func:`flatten_state` (dict keys keep their JSON types: ints stay ints)."""
+    if isinstance(tree, dict) and "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if isinstance(tree, dict) and "__dict__" in tree:
+        return {key: unflatten_state(tensors, item) for key, item in tree["__dict__"]}
+    if isinstance(tree, list):
+        return [unflatten_state(tensors, item) for item in tree]
+    return tree
+
+
+def _restore_tuples(saved_groups: list[dict[str, Any]], current_groups: list[dict[str, Any]]) -> None:
+    """JSON turns tuples (``betas``) into lists; give them back the type the optimizer uses."""
+    for saved, current in zip(saved_groups, current_groups):
+        for key, value in current.items():
+            if isinstance(value, tuple) and isinstance(saved.get(key), list):
+                saved[key] = tuple(saved[key])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole checkpoints
+
+
+def save_checkpoint(folder: Path, *, model: Any, optimizer: "torch.optim.Optimizer", progress: Progress,
+                    config_yaml: str) -> Path:
+    """Write a checkpoint folder atomically (see the module docstring); ``model`` is the PEFT model."""
+    from mtool.checkpoint import atomic_output_dir, save_tensors
+
+    with atomic_output_dir(folder, force=True) as staging:
+        model.save_pretrained(staging)
+        tensors, tree = flatten_state(optimizer.state_dict())
+        save_tensors(staging, tensors, file_stem="optimizer")
+        (staging / "optimizer.json").write_text(json.dumps(tree), encoding="utf-8")
+        (staging / "train-config.yaml").write_text(config_yaml, encoding="utf-8")
+        (staging / STATE_FILENAME).write_text(json.dumps(asdict(progress), indent=2), encoding="utf-8")
+    return folder
+
+
+def read_progress(folder: Path) -> Progress:
+    try:
+        return Progress(**json.loads((folder / STATE_FILENAME).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as error:
+        raise CheckpointError(f"unreadable training state: {error}", where=str(folder),
+                              fix="resume from an earlier checkpoint (delete this one) or start over with --force") \
+            from None
+
+
+def load_checkpoint(folder: Path, *, model: Any, optimizer: "torch.optim.Optimizer") -> Progress:
+    """Restore the trainable weights and the optimizer from ``folder``; return its :class:`Progress`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    progress = read_progress(folder)
+    try:
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+        tensors = load_file(str(folder / "optimizer.safetensors")) if (folder / "optimizer.safetensors").is_file() \
+            else {}
+        tree = json.loads((folder / "optimizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"incomplete checkpoint: {error}", where=str(folder),
+                              fix="delete it to resume from the one before") from None
+    result = set_peft_model_state_dict(model, weights)
+    if getattr(result, "unexpected_keys", None):
+        raise CheckpointError(f"the checkpoint does not fit the model: unexpected {result.unexpected_keys[:3]}",
+                              where=str(folder))
+    state = unflatten_state(tensors, tree)
+    _restore_tuples(state["param_groups"], optimizer.param_groups)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"the optimizer state does not fit this run: {error}", where=str(folder),
+                              fix="resume with the same optimizer and LoRA settings") from None
+    return progress
