@@ -50,7 +50,10 @@ from mtool.lineage import Lineage, Parent, describe_parent, write_lineage
 if TYPE_CHECKING:
     import torch
 
-LOOKAHEAD = 3  # tensors read and merged ahead of the writer
+LOOKAHEAD = 3  # tensors read and merged ahead of the writer, at most
+IN_FLIGHT_BYTES = 64 * 2**20  # ... and at most this many bytes of them (a larger tensor goes alone)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+ROW_BLOCK_ELEMENTS = 1 << 20  # float32 scratch of the row-block update: 4 MiB
 
 
 @dataclass(frozen=True)
@@ -165,20 +168,67 @@ def merged_tensor(name: str, weight: "torch.Tensor", plan: AdapterMergePlan, *,
     return current
 
 
-def _produce(plan: AdapterMergePlan, spec: TensorSpec) -> "torch.Tensor":
-    """The output tensor ``spec.name`` in its output dtype."""
+def _is_plain_update(name: str, plan: AdapterMergePlan) -> bool:
+    """Whether ``name`` only gets low-rank updates added (no DoRA, replacement, token rows, bias, rounding)."""
+    if plan.quant is not None and is_quantized_weight(name, plan.checkpoint.info(plan.sources[name]).shape, plan.quant):
+        return False
+    for item in plan.adapters:
+        adapter = item.adapter
+        module = adapter.targets.get(name)
+        if (module is not None and module.is_dora) or name in adapter.replacements or name in adapter.token_rows \
+                or name in adapter.bias_updates:
+            return False
+    return True
+
+
+def add_updates_by_rows(name: str, weight: "torch.Tensor", plan: AdapterMergePlan,
+                        out_dtype: "torch.dtype") -> "torch.Tensor":
+    """``W' = W + sum_k w_k s_k B_k @ A_k`` computed a block of rows at a time in float32 and cast once.
+
+    The (out x in) update is never formed: each block of rows gets ``addmm(W_rows, B_rows, A)`` (for a layer
+    stored (in x out), ``addmm(W_rows, A^T_rows, B^T)``), so the float32 scratch is one block, not a tensor.
+    """
     import torch
 
+    updates = []
+    for item in plan.adapters:
+        module = item.adapter.targets.get(name)
+        if module is None:
+            continue
+        a, b = item.adapter.factors(name)
+        left, right = (a.T.contiguous(), b.T) if module.transposed else (b, a)
+        updates.append((left, right, item.weight * module.scale))
+    out = torch.empty(weight.shape, dtype=out_dtype)
+    rows = max(1, ROW_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start:start + rows].float()
+        for left, right, alpha in updates:
+            block.addmm_(left[start:start + rows], right, alpha=alpha)
+        _check_finite(name, block)
+        out[start:start + rows] = block
+    return out
+
+
+def _check_finite(name: str, tensor: "torch.Tensor") -> None:
+    import torch
+
+    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
+        raise ComputeError(f"the merge produced NaN or Inf values in {name}",
+                           fix="check the adapter for NaN/Inf values and the --weights")
+
+
+def _produce(plan: AdapterMergePlan, spec: TensorSpec) -> "torch.Tensor":
+    """The output tensor ``spec.name`` in its output dtype."""
     if spec.name in plan.precomputed:
         result = plan.precomputed.pop(spec.name)
     else:
         weight = plan.checkpoint.read(plan.sources[spec.name])
         if spec.name not in plan.changed:
             return weight.to(spec.dtype)
+        if weight.dim() == 2 and _is_plain_update(spec.name, plan):
+            return add_updates_by_rows(spec.name, weight, plan, spec.dtype)
         result = merged_tensor(spec.name, weight, plan)
-    if not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
-        raise ComputeError(f"the merge produced NaN or Inf values in {spec.name}",
-                           fix="check the adapter for NaN/Inf values and the --weights")
+    _check_finite(spec.name, result)
     return result.to(spec.dtype)
 
 
@@ -233,9 +283,32 @@ def merge_adapters(base: str, adapters: list[str], output: str | os.PathLike,
     return AdapterMergeReport(Path(output), seconds, len(plan.specs), len(plan.changed), plan.untied)
 
 
+def return_freed_memory_promptly() -> None:
+    """Have glibc give every freed block of 1 MiB or more back to the system at once.
+
+    glibc serves an allocation from its heap, not from a fresh mapping, once it is below a threshold that
+    rises to the size of the last large block freed (up to 32 MiB). A stream of tensors of a few MiB to a
+    few tens of MiB then accumulates in the heaps of the worker threads; fixing the threshold keeps the
+    resident memory at the tensors actually held. No effect outside glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        return
+
+
 def _stream(plan: AdapterMergePlan, folder: Path, options: AdapterMergeOptions) -> dict[str, str]:
     """Produce every output tensor (a few ahead, in worker threads) and write them in order."""
     import torch
+
+    return_freed_memory_promptly()
 
     total = sum(spec.nbytes for spec in plan.specs)
     bar = ui.progress(total=total, desc="merge adapter", unit="B", unit_scale=True)
@@ -243,17 +316,26 @@ def _stream(plan: AdapterMergePlan, folder: Path, options: AdapterMergeOptions) 
             CheckpointWriter(folder, plan.specs, max_shard_bytes=options.max_shard_bytes, in_order=True,
                              metadata={"mtool_operation": "adapter-merge"}) as writer:
         pending: deque[tuple[TensorSpec, Future]] = deque()
-        upcoming = iter(plan.specs)
-        for spec in upcoming:
-            pending.append((spec, workers.submit(_produce, plan, spec)))
-            if len(pending) >= LOOKAHEAD:
-                break
+        upcoming = deque(plan.specs)
+
+        def in_flight(spec: TensorSpec) -> int:
+            """Bytes a tensor holds while it is produced: the base tensor, and the output when it differs."""
+            return spec.nbytes * (2 if spec.name in plan.changed else 1)
+
+        def schedule() -> None:
+            """Start the next tensors while they fit IN_FLIGHT_BYTES (one at least)."""
+            while upcoming and len(pending) < LOOKAHEAD:
+                held = sum(in_flight(spec) for spec, _ in pending)
+                if pending and held + in_flight(upcoming[0]) > IN_FLIGHT_BYTES:
+                    return
+                spec = upcoming.popleft()
+                pending.append((spec, workers.submit(_produce, plan, spec)))
+
+        schedule()
         while pending:
             spec, future = pending.popleft()
             tensor = future.result()
-            following = next(upcoming, None)
-            if following is not None:
-                pending.append((following, workers.submit(_produce, plan, following)))
+            schedule()
             writer.write(spec.name, tensor)
             bar.update(spec.nbytes)
             del tensor
