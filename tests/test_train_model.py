@@ -1,0 +1,103 @@
+"""The model under training: checkpointing gradients, packed attention, and the memory estimate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtool.train.batching import collate
+from mtool.train.config import load_config
+from mtool.train.estimate import estimate_for_config, measure_peak_bytes
+from mtool.train.model import build_model, trainable_parameters
+from mtool.train.optim import build_optimizer
+from mtool.train.tokenizer import load_tokenizer
+
+CPU = torch.device("cpu")
+
+
+def settings(base, **overrides):
+    values = {"base": str(base), "model.quantization": "none", "model.compute_dtype": "float32", "lora.rank": 4}
+    values.update(overrides)
+    return load_config(None, values)
+
+
+def lora_model(base, **overrides):
+    config = settings(base, **overrides)
+    model, _ = build_model(str(base), load_tokenizer(str(base)), config.model, config.lora, device=CPU, seed=0)
+    with torch.no_grad():  # B starts at zero: give it values so that every LoRA matrix gets a gradient
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    return model
+
+
+def test_gradient_checkpointing_with_lora_gives_the_same_gradients(tiny_llama):
+    batch = torch.randint(0, 380, (2, 24), generator=torch.Generator().manual_seed(0))
+    gradients = []
+    for checkpointing in (False, True):
+        model = lora_model(tiny_llama, **{"model.gradient_checkpointing": checkpointing})
+        model.train()
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+        gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    plain, checkpointed = gradients
+    assert len(plain) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
+    for name, gradient in checkpointed.items():
+        assert gradient is not None and gradient.abs().sum() > 0, name
+        torch.testing.assert_close(gradient, plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_packed_and_padded_losses_agree_and_nothing_attends_across_examples(tiny_llama):
+    model = lora_model(tiny_llama)
+    model.eval()
+    generator = torch.Generator().manual_seed(1)
+    examples = []
+    for length in (7, 12, 5):
+        ids = torch.randint(0, 380, (length,), generator=generator).tolist()
+        labels = [-100] * (length // 2) + ids[length // 2:]
+        examples.append({"input_ids": ids, "labels": labels})
+    padded = collate(examples, packing=False, pad_id=3)
+    packed = collate(examples, packing=True, pad_id=3)
+    assert padded.trained == packed.trained
+    with torch.no_grad():
+        loss_padded = model(**padded.inputs, use_cache=False).loss
+        loss_packed = model(**packed.inputs, use_cache=False).loss
+        logits = model(**packed.inputs, use_cache=False).logits
+        alone = model(input_ids=torch.tensor([examples[1]["input_ids"]]), use_cache=False).logits
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits[0, 7:19], alone[0], rtol=1e-4, atol=1e-5)  # the middle example, as if alone
+    with torch.no_grad():  # the same row read as one sequence (no position ids) mixes the examples
+        joined = model(input_ids=packed.inputs["input_ids"], labels=packed.inputs["labels"], use_cache=False).loss
+    assert abs(float(joined) - float(loss_packed)) > 1e-3
+
+
+def _measured_and_estimated(base, tmp_path, **overrides):
+    config = settings(base, **{"training.optimizer": "adamw", "training.micro_batch_size": 2, "data.seq_len": 128,
+                               "lora.rank": 8, **overrides})
+    model, _ = build_model(str(base), load_tokenizer(str(base)), config.model, config.lora, device=CPU, seed=0)
+    optimizer = build_optimizer(trainable_parameters(model), config.training, CPU)
+    batch = torch.randint(0, 380, (2, 128), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        loss = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch,
+                     num_items_in_batch=batch.numel(), use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the optimizer states exist from the first step on
+    resident = list(model.parameters()) + list(model.buffers())
+    resident += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    measured = measure_peak_bytes(step, resident, CPU)
+    return measured, estimate_for_config(config, base, device_type="cpu").estimate
+
+
+@pytest.mark.parametrize("overrides", [
+    {"model.gradient_checkpointing": True},
+    {"model.gradient_checkpointing": False},
+    {"model.gradient_checkpointing": True, "model.quantization": "nf4"},
+])
+def test_estimate_within_15_percent_of_the_measured_peak(tiny, tmp_path, overrides):
+    base = tiny.model("llama", hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4,
+                      vocab_size=4096)
+    measured, estimate = _measured_and_estimated(base, tmp_path, **overrides)
+    assert abs(estimate.total / measured - 1) < 0.15, (estimate.parts(), measured)
