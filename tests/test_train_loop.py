@@ -49,11 +49,14 @@ def alpaca_file(tmp_path_factory):
 def reference_run(tiny_llama, alpaca_file, tmp_path_factory):
     """An uninterrupted run with dropout (so the random state matters) and checkpoints every 2 steps."""
     out = tmp_path_factory.mktemp("reference") / "adapter"
-    config = config_of(tiny_llama, alpaca_file, out, **{"lora.dropout": 0.1, "training.max_steps": 8,
-                                                        "checkpoints.every": 2, "training.schedule": "cosine",
-                                                        "training.warmup_steps": 2})
-    train(config)
+    train(resumable_config(tiny_llama, alpaca_file, out, every=2))
     return out
+
+
+def resumable_config(base, data, out, *, every):
+    """Dropout on (so the random state matters), a warm-up and a cosine decay (so the schedule position does)."""
+    return config_of(base, data, out, **{"lora.dropout": 0.1, "training.max_steps": 8, "checkpoints.every": every,
+                                         "training.schedule": "cosine", "training.warmup_steps": 2})
 
 
 @pytest.mark.parametrize("quantization", ["none", "nf4"])
@@ -136,9 +139,7 @@ def _same_as_reference(out, reference):
 def test_resume_after_a_crash_gives_the_uninterrupted_losses(tiny_llama, alpaca_file, tmp_path, monkeypatch,
                                                              reference_run):
     out = tmp_path / "adapter"
-    config = config_of(tiny_llama, alpaca_file, out, **{"lora.dropout": 0.1, "training.max_steps": 8,
-                                                        "checkpoints.every": 2, "training.schedule": "cosine",
-                                                        "training.warmup_steps": 2})
+    config = resumable_config(tiny_llama, alpaca_file, out, every=2)
 
     def crash():
         raise RuntimeError("simulated crash")
@@ -156,9 +157,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_losses(tiny_llama, alpaca_
 def test_ctrl_c_writes_a_checkpoint_and_resume_continues(tiny_llama, alpaca_file, tmp_path, monkeypatch,
                                                          reference_run):
     out = tmp_path / "adapter"
-    config = config_of(tiny_llama, alpaca_file, out, **{"lora.dropout": 0.1, "training.max_steps": 8,
-                                                        "checkpoints.every": 0, "training.schedule": "cosine",
-                                                        "training.warmup_steps": 2})
+    config = resumable_config(tiny_llama, alpaca_file, out, every=0)
     _crash_at(monkeypatch, 2, lambda: os.kill(os.getpid(), signal.SIGINT))
     with pytest.raises(KeyboardInterrupt):
         train(config)
