@@ -124,3 +124,13 @@ def test_collate_padding_and_packing_count_the_same_trained_tokens():
     assert padded.trained == packed.trained == 3 and padded.tokens == packed.tokens == 5
     masked = collate(examples, packing=False, pad_id=0, masked=True)
     assert masked.trained == 0 and masked.tokens == 0
+
+
+def test_example_recipes_are_valid():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parents[1] / "recipes" / "train").glob("*.yaml"))
+    assert len(recipes) >= 4
+    formats = {load_config(path).data.format for path in recipes}
+    assert formats == {"alpaca", "chat", "prompt_completion", "text"}
+    assert {load_config(path).method for path in recipes} == {"lora", "qlora"}
