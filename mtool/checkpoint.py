@@ -220,21 +220,29 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
 
 def read_tensor(info: TensorInfo) -> "torch.Tensor":
     """Read one tensor's bytes with positioned reads into a new tensor (no mmap, no pickle)."""
+    return read_elements(info, 0, info.numel).reshape(info.shape)
+
+
+def read_elements(info: TensorInfo, start: int, count: int) -> "torch.Tensor":
+    """Elements ``start .. start + count`` of the flattened tensor, read from disk now into a new 1-D tensor."""
     import torch
 
-    dtype = info.dtype
-    out = torch.empty(info.shape, dtype=dtype)
-    if info.nbytes == 0:
+    out = torch.empty(count, dtype=info.dtype)
+    nbytes = count * out.element_size()
+    if nbytes == 0:
         return out
-    buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    buffer = memoryview(out.view(torch.uint8).numpy()).cast("B")
+    begin = info.begin + start * out.element_size()
+    if start < 0 or begin + nbytes > info.end:
+        raise CheckpointError(f"elements [{start}, {start + count}) are outside tensor {info.name!r}", where=str(info.file))
     fd = os.open(info.file, os.O_RDONLY)
     try:
         done = 0
-        while done < info.nbytes:
-            count = os.preadv(fd, [buffer[done:]], info.begin + done)
-            if count <= 0:
+        while done < nbytes:
+            got = os.preadv(fd, [buffer[done:]], begin + done)
+            if got <= 0:
                 raise CheckpointError(f"unexpected end of file while reading tensor {info.name!r}", where=str(info.file))
-            done += count
+            done += got
     finally:
         os.close(fd)
     return out
@@ -473,6 +481,7 @@ class CheckpointWriter:
         self._where: dict[str, tuple[int, TensorSpec]] = {}
         self._fds: list[int] = []
         self._written: set[str] = set()
+        self._received: dict[str, int] = {}  # elements received per tensor (parts)
         self._hashers: list["hashlib._Hash | None"] = []  # None once a shard's writes leave the file order
         self._hashed_to: list[int] = []
         for number, group in enumerate(groups, start=1):
@@ -497,28 +506,47 @@ class CheckpointWriter:
 
     def write(self, name: str, tensor: "torch.Tensor") -> None:
         """Write ``tensor`` (shape and dtype as announced) into its place."""
-        import torch
-
-        if name not in self._where:
-            raise CheckpointError(f"tensor {name!r} was not announced to the writer")
-        if name in self._written:
-            raise CheckpointError(f"tensor {name!r} is written twice")
-        shard_number, spec = self._where[name]
-        if tuple(tensor.shape) != tuple(spec.shape) or tensor.dtype != spec.dtype:
+        spec = self._spec(name)
+        if tuple(tensor.shape) != tuple(spec.shape):
             raise CheckpointError(f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, announced as "
                                   f"{tuple(spec.shape)} {spec.dtype}")
+        self.write_part(name, 0, tensor)
+
+    def write_part(self, name: str, start: int, values: "torch.Tensor") -> None:
+        """Write ``values`` (the announced dtype) at flat element ``start`` of tensor ``name``; a tensor may
+        arrive in consecutive parts, each written straight into its place. It counts as written once
+        all of its bytes have arrived."""
+        import torch
+
+        spec = self._spec(name)
+        if values.dtype != spec.dtype:
+            raise CheckpointError(f"tensor {name!r} is {values.dtype}, announced as {spec.dtype}")
+        shard_number, _ = self._where[name]
         shard = self._shards[shard_number]
-        if spec.nbytes:
-            data = memoryview(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
-            offset = shard.offsets[name]
+        itemsize = spec.nbytes // max(1, _numel(spec.shape))
+        count = values.numel()
+        if start < 0 or start + count > _numel(spec.shape):
+            raise CheckpointError(f"part [{start}, {start + count}) is outside tensor {name!r}")
+        if count:
+            data = memoryview(values.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
+            offset = shard.offsets[name] + start * itemsize
             _pwrite_all(self._fds[shard_number], data, offset)
             hasher = self._hashers[shard_number]
             if hasher is not None and offset == self._hashed_to[shard_number]:
                 hasher.update(data)
-                self._hashed_to[shard_number] += spec.nbytes
+                self._hashed_to[shard_number] += len(data)
             else:
                 self._hashers[shard_number] = None
-        self._written.add(name)
+        self._received[name] = self._received.get(name, 0) + count
+        if self._received[name] == _numel(spec.shape):
+            self._written.add(name)
+
+    def _spec(self, name: str) -> TensorSpec:
+        if name not in self._where:
+            raise CheckpointError(f"tensor {name!r} was not announced to the writer")
+        if name in self._written:
+            raise CheckpointError(f"tensor {name!r} is written twice")
+        return self._where[name][1]
 
     @property
     def digests(self) -> dict[str, str]:
@@ -556,6 +584,13 @@ class CheckpointWriter:
             self.close()
         else:
             self._close_fds()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

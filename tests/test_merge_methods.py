@@ -224,7 +224,7 @@ def test_nearswap_and_passthrough() -> None:
 
 
 def test_chunked_merges_equal_whole_tensor_merges() -> None:
-    from mtool.merger.methods.base import ChunkedTensor
+    from mtool.merger.methods.base import ChunkedTensor, InMemory
 
     base, x1, x2 = _tensors(3, (300, 170), seed=13)
     for method, params in (("ties", {"weight": 0.7, "density": 0.3}), ("dare_ties", {"weight": 0.7, "density": 0.3}),
@@ -236,7 +236,7 @@ def test_chunked_merges_equal_whole_tensor_merges() -> None:
         per_model = [{}] + [params] * (len(inputs) - 1)
         whole = spec.merge(MergeTask(name="w", inputs=inputs, model_params=per_model, params=shared, base_index=0,
                                      seed=5))
-        chunked = ChunkedTensor(name="w", inputs=inputs, model_params=per_model, params=shared, base_index=0,
+        chunked = ChunkedTensor(name="w", inputs=[InMemory(t) for t in inputs], model_params=per_model, params=shared, base_index=0,
                                 compute_dtype=torch.float32, chunk_size=7919, seed=5)
         prepared = spec.prepare(chunked)
         pieces = torch.cat([spec.finish(chunked.chunk(s), prepared) for s in chunked.starts()])

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +27,16 @@ from mtool import ui
 from mtool.checkpoint import (
     DEFAULT_SHARD_BYTES,
     CheckpointWriter,
+    TensorInfo,
     TensorSpec,
     atomic_output_dir,
     copy_support_files,
     dtype_to_safetensors,
+    read_elements,
 )
 from mtool.errors import ComputeError
 from mtool.lineage import Lineage, Parent, describe_parent, hash_files, write_lineage
-from mtool.merger.methods.base import ChunkedTensor, MergeTask
+from mtool.merger.methods.base import ChunkedTensor, ElementSource, InMemory, MergeTask
 from mtool.merger.plan import MergePlan, TensorPlan
 
 if TYPE_CHECKING:
@@ -41,15 +44,16 @@ if TYPE_CHECKING:
 
 PREFETCH_TENSORS = 3
 ELEMENTWISE_CHUNK = 1 << 18  # elements: a few such float32 chunks stay in a core's cache
-PREFETCH_BYTES = 256 * 2**20
+PREFETCH_BYTES = 128 * 2**20
+PENDING_WRITES = 8  # output parts queued for the writer thread
 
 
 def _input_bytes(tensor: TensorPlan) -> int:
-    """Bytes the inputs of ``tensor`` may occupy once read (4 bytes an element at most)."""
+    """Bytes the inputs of ``tensor`` occupy once read (in their storage dtype)."""
     count = 1
     for size in tensor.shape:
         count *= size
-    return 4 * count * len(tensor.sources)
+    return sum(count * source.model.checkpoint.info(source.tensor).dtype.itemsize for source in tensor.sources)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -66,10 +70,33 @@ class MergeOptions:
     write_card: bool = True
 
 
-def _read_inputs(plan: MergePlan, tensor: TensorPlan) -> list["torch.Tensor"]:
-    """The tensor's inputs: LoRA applied, rounded to the recipe dtype, rows aligned (not yet upcast)."""
+@dataclass(frozen=True)
+class OnDisk:
+    """An :class:`~mtool.merger.methods.base.ElementSource` read slice by slice from its file."""
+
+    info: TensorInfo
+
+    def numel(self) -> int:
+        return self.info.numel
+
+    def elements(self, start: int, count: int) -> "torch.Tensor":
+        return read_elements(self.info, start, count)
+
+
+def _streams(plan: MergePlan, tensor: TensorPlan) -> bool:
+    """Whether ``tensor`` is merged chunk by chunk (its inputs then need not be read whole)."""
+    pinned = tensor.vocabulary and plan.vocabulary is not None and bool(plan.vocabulary.pinned)
+    return (plan.method.elementwise or plan.method.finish is not None) and not pinned
+
+
+def _read_inputs(plan: MergePlan, tensor: TensorPlan) -> list[ElementSource]:
+    """The tensor's inputs. Plain inputs of a streamed tensor stay on disk and are read chunk by chunk;
+    the others are read now: LoRA applied, rows aligned to the output vocabulary."""
     from mtool.merger.tokenizer import align_rows, base_rows_for
 
+    aligning = tensor.vocabulary and plan.vocabulary is not None
+    if _streams(plan, tensor) and not aligning and all(s.model.adapter is None for s in tensor.sources):
+        return [OnDisk(s.model.checkpoint.info(s.tensor)) for s in tensor.sources]
     values = []
     for source in tensor.sources:
         value = source.model.checkpoint.read(source.tensor)
@@ -78,69 +105,55 @@ def _read_inputs(plan: MergePlan, tensor: TensorPlan) -> list["torch.Tensor"]:
         if plan.read_dtype is not None and value.dtype != plan.read_dtype:
             value = value.to(plan.read_dtype)
         values.append(value)
-    if tensor.vocabulary and plan.vocabulary is not None:
+    if aligning:
         base_rows = None
-        if tensor.base_index is not None or plan.base_reference in plan.models:
-            base_model = plan.models.get(plan.base_reference) if plan.base_reference else None
-            if base_model is not None and base_model.resolve_tensor(tensor.name):
-                base_weight = next((v for s, v in zip(tensor.sources, values) if s.model is base_model), None)
-                if base_weight is None:
-                    base_weight = base_model.checkpoint.read(base_model.resolve_tensor(tensor.name))
-                base_rows = base_rows_for(plan.vocabulary, base_weight, base_model.reference)
+        base_model = plan.models.get(plan.base_reference) if plan.base_reference else None
+        if base_model is not None and base_model.resolve_tensor(tensor.name):
+            base_weight = next((v for s, v in zip(tensor.sources, values) if s.model is base_model), None)
+            if base_weight is None:
+                base_weight = base_model.checkpoint.read(base_model.resolve_tensor(tensor.name))
+            base_rows = base_rows_for(plan.vocabulary, base_weight, base_model.reference)
         values = align_rows(plan.vocabulary, tensor, values, base_rows)
-    return values
+    return [InMemory(value) for value in values]
 
 
-def merge_tensor(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor"], seed: int,
-                 device: str = "cpu") -> "torch.Tensor":
-    """One output tensor from its (already read) inputs, in the output dtype, on the CPU.
+def merge_tensor(plan: MergePlan, tensor: TensorPlan, inputs: list[ElementSource], seed: int,
+                 device: str = "cpu") -> Iterator[tuple[int, "torch.Tensor"]]:
+    """One output tensor, as consecutive parts ``(first flat element, values in the output dtype)``.
 
     Element-wise methods, and those with ``prepare``/``finish``, run over cache-sized chunks: each chunk of
-    the inputs is upcast, merged and cast to the output dtype while it is still in cache, so a tensor costs
-    one pass over memory instead of one per operation and never exists in float32 as a whole. The other
-    methods see whole tensors in the compute dtype.
+    the inputs is read (or sliced), upcast, merged and cast to the output dtype while it is still in cache,
+    so a tensor costs one pass over memory and never exists whole, neither in float32 nor at all. The
+    other methods see whole tensors in the compute dtype.
     """
     import torch
 
-    if tensor.passthrough and plan.method.name == "passthrough":
-        return _checked(tensor, inputs[0].to(plan.compute_dtype)).to(tensor.out_dtype)
     method = plan.method
     per_tensor_seed = tensor_seed(seed, tensor.name) if method.random else None
-    if method.elementwise or method.finish is not None:
-        result = _merge_in_chunks(plan, tensor, inputs, per_tensor_seed, device)
-    else:
-        inputs = [value.to(device=device, dtype=plan.compute_dtype) for value in inputs]
-        generator = None if per_tensor_seed is None else torch.Generator().manual_seed(per_tensor_seed)
-        result = method.merge(MergeTask(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
-                                        params=tensor.params, base_index=tensor.base_index, generator=generator,
-                                        seed=per_tensor_seed))
-        result = _checked(tensor, result).to("cpu").to(tensor.out_dtype)
+    if _streams(plan, tensor):
+        chunked = ChunkedTensor(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
+                                params=tensor.params, base_index=tensor.base_index,
+                                compute_dtype=plan.compute_dtype, chunk_size=ELEMENTWISE_CHUNK,
+                                seed=per_tensor_seed, device=device, read_dtype=plan.read_dtype)
+        prepared = method.prepare(chunked) if method.prepare is not None else None
+        for start in chunked.starts():
+            task = chunked.chunk(start)
+            merged = method.finish(task, prepared) if method.finish is not None else method.merge(task)
+            yield start, _checked(tensor, merged).reshape(-1).to("cpu").to(tensor.out_dtype)
+        return
+    values = [source.elements(0, source.numel()).reshape(tensor.shape).to(device=device, dtype=plan.compute_dtype)
+              for source in inputs]
+    generator = None if per_tensor_seed is None else torch.Generator().manual_seed(per_tensor_seed)
+    result = method.merge(MergeTask(name=tensor.name, inputs=values, model_params=tensor.model_params,
+                                    params=tensor.params, base_index=tensor.base_index, generator=generator,
+                                    seed=per_tensor_seed))
+    result = _checked(tensor, result).to("cpu").to(tensor.out_dtype)
     if plan.vocabulary is not None and tensor.vocabulary and plan.vocabulary.pinned:
         from mtool.merger.tokenizer import apply_pins
 
-        aligned = {s.model.reference: v for s, v in zip(tensor.sources, inputs)}
+        aligned = {s.model.reference: v for s, v in zip(tensor.sources, values)}
         result = apply_pins(plan.vocabulary, tensor, result, aligned)
-    return result
-
-
-def _merge_in_chunks(plan: MergePlan, tensor: TensorPlan, inputs: list["torch.Tensor"], seed: int | None,
-                     device: str) -> "torch.Tensor":
-    """Element-wise methods in one pass over cache-sized chunks; methods with ``prepare``/``finish`` in two
-    (whole-tensor quantities first, then each chunk)."""
-    import torch
-
-    method = plan.method
-    chunked = ChunkedTensor(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
-                            params=tensor.params, base_index=tensor.base_index, compute_dtype=plan.compute_dtype,
-                            chunk_size=ELEMENTWISE_CHUNK, seed=seed, device=device)
-    prepared = method.prepare(chunked) if method.prepare is not None else None
-    output = torch.empty(tensor.shape, dtype=tensor.out_dtype)
-    flat_output = output.reshape(-1)
-    for start in chunked.starts():
-        task = chunked.chunk(start)
-        merged = method.finish(task, prepared) if method.finish is not None else method.merge(task)
-        flat_output[start:start + ELEMENTWISE_CHUNK].copy_(_checked(tensor, merged))
-    return output
+    yield 0, result.reshape(-1)
 
 
 def _checked(tensor: TensorPlan, result: "torch.Tensor") -> "torch.Tensor":
@@ -272,12 +285,12 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -
                     tensor, future = pending_reads.popleft()
                     values = future.result()
                     schedule()
-                    result = merge_tensor(plan, tensor, values, options.seed, options.device)
+                    for start, part in merge_tensor(plan, tensor, values, options.seed, options.device):
+                        pending_writes.append(writer_thread.submit(writer.write_part, tensor.name, start, part))
+                        while len(pending_writes) > PENDING_WRITES:
+                            pending_writes.popleft().result()
+                        bar.update(part.numel() * part.element_size())
                     del values
-                    pending_writes.append(writer_thread.submit(writer.write, tensor.name, result))
-                    while len(pending_writes) > 2:
-                        pending_writes.popleft().result()
-                    bar.update(result.numel() * result.element_size())
                 while pending_writes:
                     pending_writes.popleft().result()
             bar.close()

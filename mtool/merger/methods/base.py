@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Protocol, Union
 
 from mtool.errors import ComputeError, ConfigError
 
@@ -156,16 +156,38 @@ def position_uniforms(seed: int, member: int, offset: int, count: int) -> "torch
     return out
 
 
+class ElementSource(Protocol):
+    """An input tensor that hands out slices of its flattened elements (in memory, or read from disk)."""
+
+    def numel(self) -> int: ...
+
+    def elements(self, start: int, count: int) -> "torch.Tensor": ...
+
+
+@dataclass(frozen=True)
+class InMemory:
+    """An :class:`ElementSource` over a tensor already in memory."""
+
+    tensor: "torch.Tensor"
+
+    def numel(self) -> int:
+        return self.tensor.numel()
+
+    def elements(self, start: int, count: int) -> "torch.Tensor":
+        return self.tensor.reshape(-1)[start:start + count]
+
+
 @dataclass(frozen=True)
 class ChunkedTensor:
-    """One output tensor's inputs, kept in their storage dtype, handed out in chunks of the flattened tensor.
+    """One output tensor's inputs, kept in their storage dtype (or on disk), handed out in chunks of the
+    flattened tensor.
 
-    :meth:`chunk` upcasts one slice of every input to the compute dtype (on ``device``) and wraps it in a
-    :class:`MergeTask` whose ``offset`` says where it starts.
+    :meth:`chunk` takes one slice of every input, rounds it to ``read_dtype`` when given, upcasts it to the
+    compute dtype (on ``device``) and wraps it in a :class:`MergeTask` whose ``offset`` says where it starts.
     """
 
     name: str
-    inputs: list["torch.Tensor"]
+    inputs: list[ElementSource]
     model_params: list[dict[str, ParameterValue]]
     params: dict[str, ParameterValue]
     base_index: int | None
@@ -173,6 +195,7 @@ class ChunkedTensor:
     chunk_size: int
     seed: int | None = None
     device: str = "cpu"
+    read_dtype: "torch.dtype | None" = None
 
     @property
     def numel(self) -> int:
@@ -182,8 +205,13 @@ class ChunkedTensor:
         return range(0, self.numel, self.chunk_size)
 
     def chunk(self, start: int) -> MergeTask:
-        pieces = [value.reshape(-1)[start:start + self.chunk_size].to(device=self.device, dtype=self.compute_dtype)
-                  for value in self.inputs]
+        count = min(self.chunk_size, self.numel - start)
+        pieces = []
+        for source in self.inputs:
+            piece = source.elements(start, count)
+            if self.read_dtype is not None and piece.dtype != self.read_dtype:
+                piece = piece.to(self.read_dtype)
+            pieces.append(piece.to(device=self.device, dtype=self.compute_dtype))
         return MergeTask(name=self.name, inputs=pieces, model_params=self.model_params, params=self.params,
                          base_index=self.base_index, seed=self.seed, offset=start)
 

@@ -26,6 +26,7 @@ from mtool.merger.methods import sparsify
 from mtool.merger.methods.base import (
     BasePolicy,
     ChunkedTensor,
+    InMemory,
     MergeMethod,
     MergeTask,
     ParameterSpec,
@@ -161,7 +162,7 @@ def finish_task_vectors(task: MergeTask, states: list[MemberState], options: Tas
 
 def streamed_task_vector_merge(task: MergeTask, options: TaskVectorOptions) -> torch.Tensor:
     """The whole tensor as a single chunk of :func:`prepare_task_vectors` + :func:`finish_task_vectors`."""
-    whole = ChunkedTensor(name=task.name, inputs=task.inputs, model_params=task.model_params, params=task.params,
+    whole = ChunkedTensor(name=task.name, inputs=[InMemory(t) for t in task.inputs], model_params=task.model_params, params=task.params,
                           base_index=task.base_index, compute_dtype=task.base.dtype,
                           chunk_size=max(1, task.base.numel()), seed=task.seed, device=str(task.base.device))
     return finish_task_vectors(whole.chunk(0), prepare_task_vectors(whole, options), options).reshape(task.base.shape)
