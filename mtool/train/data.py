@@ -8,15 +8,14 @@ trained when it starts inside a trained span. ``labels`` hold the token id where
 doubles as the pad token is still learned.
 
 The end-of-sequence token is appended after the text (unless the chat template already wrote it in the last
-turn) and trained when the text ends with a trained span (even an empty response teaches the model to stop). Sequences longer than ``seq_len`` are cut at ``seq_len``
-(counted in :class:`DataStats`); an example left with no trained token after the cut (or with an empty
-response) cannot teach anything: it is dropped and counted, and a warning says how many.
+turn) and trained when the text ends with a trained span (even an empty response teaches the model to stop).
+Sequences longer than ``seq_len`` are cut at ``seq_len`` (counted in :class:`DataStats`); an example left with
+no trained token after the cut cannot teach anything: it is dropped and counted, and a warning says how many.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +236,3 @@ def data_fingerprint(*parts: Any) -> str:
     """A short stable id of everything that determines the tokenized data (for the ``datasets`` cache)."""
     digest = hashlib.sha256(repr(parts).encode("utf-8", "surrogatepass")).hexdigest()
     return digest[:32]
-
-
-def describe_paths(paths: Sequence[str]) -> str:
-    return ", ".join(os.fspath(p) for p in paths)

@@ -4,17 +4,12 @@ Every data format becomes a :class:`Rendered` example: the text the model reads,
 trained (the responses, or everything with ``train_on_prompt``), and whether an end-of-sequence token follows
 so the model learns to stop. Formats (``data.format``, detected from the columns when ``auto``):
 
-===================  ========================================  =========================================
-format               columns                                   trained on
-===================  ========================================  =========================================
-``chat``             ``messages`` (role/content) or ShareGPT   every assistant turn, with its end-of-turn
-                     ``conversations`` (from/value)            markers, as the chat template renders them
-``alpaca``           ``instruction``, ``input``, ``output``,   ``output``; rendered as a chat (system?,
-                     optional ``system``                       user = instruction + input, assistant)
-``prompt_completion``  ``prompt``, ``completion`` (strings, or   ``completion``
-                     lists of messages)
-``text``             ``text``                                  everything
-===================  ========================================  =========================================
+- ``chat``: ``messages`` (role/content) or ShareGPT ``conversations`` (from/value); trained on every
+  assistant turn, with its end-of-turn markers, as the chat template renders them.
+- ``alpaca``: ``instruction``, ``input``, ``output``, optional ``system``; trained on ``output``; rendered as a
+  chat (system?, user = instruction + blank line + input, assistant = output).
+- ``prompt_completion``: ``prompt``, ``completion`` (strings, or lists of messages); trained on ``completion``.
+- ``text``: ``text``; trained on everything.
 
 Assistant turns are located by rendering the conversation incrementally: the prompt of turn *i* is the
 template applied to messages ``[:i]`` with the generation prompt, and the turn ends where the template applied

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from mtool import ui
 from mtool.checkpoint import ModelRef, check_output_target, resolve_model
-from mtool.errors import CheckpointError, ConfigError, OutputExistsError
-from mtool.train.config import CONFIG_FILENAME, TrainConfig, resume_differences, validate_config
+from mtool.errors import CheckpointError, ConfigError, InputError, OutputExistsError
+from mtool.train.config import CONFIG_FILENAME, TrainConfig, read_config_file, resume_differences, validate_config
 from mtool.train.data import (
     DataSource,
     DataStats,
@@ -30,7 +30,7 @@ from mtool.train.data import (
 from mtool.train.distributed import Processes, barrier, join_processes, leave_processes, unwrap, wrap_for_data_parallel
 from mtool.train.formats import check_columns, detect_format
 from mtool.train.loop import Loop, run_loop
-from mtool.train.metrics import MetricsLog, plot_losses
+from mtool.train.metrics import MetricsLog
 from mtool.train.state import latest_checkpoint, load_checkpoint, read_progress
 
 if TYPE_CHECKING:
@@ -169,7 +169,7 @@ def _checkpoint_to_resume(config: TrainConfig, *, resume: bool, force: bool, pro
     if newest is None:
         raise CheckpointError(f"nothing to resume: no checkpoint in {directory}",
                               fix="start without --resume (or point checkpoints.dir at the earlier run's folder)")
-    saved = validate_config(_read_yaml(newest / CONFIG_FILENAME), where=str(newest / CONFIG_FILENAME))
+    saved = validate_config(read_config_file(newest / CONFIG_FILENAME), where=str(newest / CONFIG_FILENAME))
     differences = resume_differences(saved, config)
     if differences:
         raise ConfigError("the config differs from the one the checkpoint was trained with: " + "; ".join(differences),
@@ -180,12 +180,6 @@ def _checkpoint_to_resume(config: TrainConfig, *, resume: bool, force: bool, pro
                           f"{processes.world_size}", where=str(newest),
                           fix="resume with the same number of processes (the data order depends on it)")
     return newest
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    from mtool.train.config import read_config_file
-
-    return read_config_file(path)
 
 
 def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
@@ -230,8 +224,6 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
 
 
 def raise_no_trainable(stats: DataStats, where: str) -> None:
-    from mtool.errors import InputError
-
     raise InputError(f"none of the {stats.examples} examples has a token to train on (every label is masked)",
                      where=where, fix="check the responses are not empty, raise data.seq_len if prompts are long, "
                                       "or set data.train_on_prompt")
