@@ -165,15 +165,15 @@ def train_step(loop: Loop, stop: StopRequest) -> StepResult:
     (global_trained,) = sum_across([local_trained], processes)
     normalizer = max(1, int(global_trained))
     torch.manual_seed(step_seed(loop.config.seed, processes.rank, step))
-    local_loss = 0.0
+    local_loss = torch.zeros((), dtype=torch.float64, device=processes.device)
     for index, batch in enumerate(batches):
         with gradient_sync(loop.model, enabled=index == len(batches) - 1):
             loss = loop.model(**batch.inputs, num_items_in_batch=normalizer, use_cache=False).loss
             scaled = loss * processes.world_size
             (loop.scaler.scale(scaled) if loop.scaler is not None else scaled).backward()
-        local_loss += float(loss.detach())
-    step_loss, tokens, stop_votes = sum_across([local_loss, sum(b.tokens for b in batches), float(stop.requested)],
-                                               processes)
+        local_loss += loss.detach()  # stays on the device: one synchronization per step, not per micro-batch
+    step_loss, tokens, stop_votes = sum_across([float(local_loss), sum(b.tokens for b in batches),
+                                                float(stop.requested)], processes)
     if not math.isfinite(step_loss):
         _fail_non_finite(loop, "loss", step_loss)
     parameters = [p for p in loop.model.parameters() if p.requires_grad]

@@ -136,15 +136,27 @@ def resize_for_tokenizer(model: Any, tokenizer: Any) -> bool:
     return True
 
 
+def linear_module_names(model: Any) -> list[str]:
+    """``all-linear``: the short names of every linear layer (4-bit ones included) except the output head,
+    so the saved ``adapter_config.json`` lists ``q_proj``, ``up_proj``... rather than every layer's path."""
+    import torch
+
+    head = model.get_output_embeddings()
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and module is not head}
+    return sorted(names)
+
+
 def attach_lora(model: Any, settings: "LoraSettings", *, extra_modules_to_save: list[str]) -> Any:
     """Wrap ``model`` with trainable LoRA adapters (float32 matrices) -> a ``peft.PeftModel``."""
     from peft import LoraConfig, get_peft_model
 
     modules_to_save = list(dict.fromkeys(settings.modules_to_save + extra_modules_to_save)) or None
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    targets = linear_module_names(model) if settings.target_modules == "all-linear" else settings.target_modules
     config = LoraConfig(
         r=settings.rank, lora_alpha=settings.resolved_alpha, lora_dropout=settings.dropout,
-        target_modules=settings.target_modules, use_rslora=settings.rslora, use_dora=settings.dora,
+        target_modules=targets, use_rslora=settings.rslora, use_dora=settings.dora,
         modules_to_save=modules_to_save, ensure_weight_tying=tied and modules_to_save is not None,
         bias="none", task_type="CAUSAL_LM",
     )
