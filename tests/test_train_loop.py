@@ -231,3 +231,23 @@ def test_cli_train_merge_and_refusals(tiny_llama, alpaca_file, tmp_path, run_cli
                                           expect=2).output
     assert "lora.rnak: unknown key" in run_cli("train", *common, "--set", "lora.rnak=3", expect=2).output
     assert not (tmp_path / "new").exists()
+
+
+def test_packed_training_normalizes_over_the_packed_tokens(tiny_llama, alpaca_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mtool.train.batching import group_micro_batches
+
+    out = tmp_path / "packed"
+    config = config_of(tiny_llama, alpaca_file, out, **{"data.packing": True, "training.max_steps": 5})
+    train(config)
+    curve = losses(out)
+    assert curve[-1] < curve[0]
+    tokenizer = load_tokenizer(str(tiny_llama))
+    data = prepare_data(config, tokenizer).train
+    order = epoch_order(len(data), config.seed, 0)
+    first_group = group_micro_batches(order, data["length"], batch_size=4, seq_len=64, packing=True)[0]
+    assert len(first_group) > 4  # more examples than a padded micro-batch holds
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    assert curve[0] == pytest.approx(eval_loss_float64(base, data.select(first_group), tokenizer.pad_token_id),
+                                     rel=1e-5)

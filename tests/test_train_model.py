@@ -101,3 +101,31 @@ def test_estimate_within_15_percent_of_the_measured_peak(tiny, tmp_path, overrid
                       vocab_size=4096)
     measured, estimate = _measured_and_estimated(base, tmp_path, **overrides)
     assert abs(estimate.total / measured - 1) < 0.15, (estimate.parts(), measured)
+
+
+def test_estimate_command_verdict_and_suggestions(tmp_path, run_cli):
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **shape}))
+    with torch.device("meta"):
+        reference = LlamaForCausalLM(LlamaConfig(**shape))
+    linear = sum(m.weight.numel() for n, m in reference.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    other = sum(p.numel() for p in reference.parameters()) - linear
+    args = ["estimate", "--base", tmp_path, "--seq-len", "2048", "--batch-size", "2", "--rank", "16", "--json"]
+    small = json.loads(run_cli(*args, "--gpu-memory", "8GiB").output)
+    expected_weights = linear * (0.5 + 1 / 64 + 4 / (64 * 256)) + other * 2  # NF4 + double quant, bf16 rest
+    assert small["bytes"]["weights"] == pytest.approx(expected_weights, rel=1e-6)
+    lora = sum(16 * (m.in_features + m.out_features) for n, m in reference.named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    assert small["bytes"]["LoRA parameters + gradients"] == lora * 8
+    assert small["fits"] is False and small["suggestions"]
+    usable = (8 * 2**30 - 0.6 * 2**30) / 1.08
+    assert small["suggestions"][-1]["total_bytes"] <= usable  # the suggested settings do fit
+    assert json.loads(run_cli(*args, "--gpu-memory", "80GiB").output)["fits"] is True
+    text = run_cli(*args[:-1], "--gpu-memory", "8GiB").output
+    assert "does NOT fit" in text and "try --batch-size 1" in text
