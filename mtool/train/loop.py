@@ -93,6 +93,7 @@ class Loop:
     metrics: MetricsLog
     config_yaml: str
     scaler: Any = None  # torch.amp.GradScaler for float16 compute
+    compute_dtype: Any = None  # torch.dtype of the base's computations
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -233,6 +234,7 @@ def _record_step(loop: Loop, result: StepResult, bar: Any) -> None:
 def write_checkpoint(loop: Loop) -> Path:
     """The main process writes the checkpoint of the current step (the others hold the same state)."""
     folder = step_folder(loop.checkpoint_dir, loop.progress.step)
+    loop.progress.scaler = loop.scaler.state_dict() if loop.scaler is not None else None
     if loop.processes.is_main:
         save_checkpoint(folder, model=unwrap(loop.model), optimizer=loop.optimizer, progress=loop.progress,
                         config_yaml=loop.config_yaml)

@@ -26,7 +26,6 @@ class OutputFacts:
     data_format: str
     stats: DataStats
     added_tokens: list[str]
-    template: str | None
     total_steps: int
     warmup_steps: int
     world_size: int

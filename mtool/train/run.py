@@ -67,8 +67,6 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> 
 
 
 def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bool) -> TrainResult | None:
-    import torch
-
     base = resolve_model(config.base, config.model.revision)
     out = Path(config.out)
     inputs = [base.path, *config.data.path, *config.data.eval_path]
@@ -87,9 +85,40 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
     data = prepare_data(config, tokenizer)
     if processes.is_main:
         barrier(processes)
-    if processes.is_main:
         _report_data(config, data)
         _preflight(config, base, processes)
+    loop, liger = _build_loop(config, base, tokenizer, data, processes)
+    if resume_from is not None:
+        _resume(loop, resume_from)
+    elif processes.is_main:
+        loop.metrics.path.write_text("", encoding="utf-8")
+    final_metrics = run_loop(loop)
+    result = None
+    if processes.is_main:
+        from mtool.train.output import OutputFacts, write_output
+
+        facts = OutputFacts(config=config, base=base, data_source=data.source, data_format=data.data_format,
+                            stats=data.stats, added_tokens=data.added_tokens, total_steps=loop.total_steps,
+                            warmup_steps=loop.warmup_steps, world_size=processes.world_size,
+                            compute_dtype=str(loop.compute_dtype).removeprefix("torch."), liger=liger,
+                            train_examples=len(data.train), eval_examples=len(data.eval) if data.eval else 0)
+        folder = write_output(out, unwrap(loop.model), tokenizer, facts, final_metrics, loop.metrics, force=force)
+        ui.info(f"adapter written to {folder}")
+        merged = None
+        if config.merge:
+            from mtool.train.output import merge_into_base
+
+            merged = merge_into_base(base, folder, config.merged_dir, force=force)
+            ui.info(f"merged model written to {merged}")
+        result = TrainResult(folder, final_metrics, merged)
+    barrier(processes)
+    return result
+
+
+def _build_loop(config: TrainConfig, base: ModelRef, tokenizer: Any, data: PreparedData,
+                processes: Processes) -> tuple[Loop, bool]:
+    """The model (LoRA attached, wrapped for data parallelism), optimizer, step plan and logs of a run."""
+    import torch
 
     from mtool.train.batching import plan_steps
     from mtool.train.model import build_model, resolve_compute_dtype, trainable_parameters
@@ -109,47 +138,28 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
     if processes.is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     barrier(processes)
-    metrics_log = MetricsLog(checkpoint_dir / "metrics.jsonl")
-    loop = Loop(config=config, model=peft_model, optimizer=optimizer, train_data=data.train, eval_data=data.eval,
-                plan=plan, warmup_steps=warmup_steps_for(settings, len(plan)), processes=processes,
-                pad_id=tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir, metrics=metrics_log,
-                config_yaml=config.to_yaml(), scaler=scaler)
-    if resume_from is not None:
-        loop.progress = load_checkpoint(resume_from, model=peft_model, optimizer=optimizer)
-        if scaler is not None and loop.progress.scaler:
-            scaler.load_state_dict(loop.progress.scaler)
-        if processes.is_main:
-            metrics_log.keep_until(loop.progress.step)
-            ui.info(f"resuming from {resume_from} (step {loop.progress.step} of {len(plan)})")
-    elif processes.is_main:
-        metrics_log.path.write_text("", encoding="utf-8")
-    loop.model = wrap_for_data_parallel(peft_model, processes)
+    loop = Loop(config=config, model=wrap_for_data_parallel(peft_model, processes), optimizer=optimizer,
+                train_data=data.train, eval_data=data.eval, plan=plan,
+                warmup_steps=warmup_steps_for(settings, len(plan)), processes=processes,
+                pad_id=tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir,
+                metrics=MetricsLog(checkpoint_dir / "metrics.jsonl"), config_yaml=config.to_yaml(), scaler=scaler,
+                compute_dtype=compute_dtype)
     if processes.is_main:
         trainable = sum(p.numel() for p in trainable_parameters(peft_model))
         ui.info(f"{len(plan)} steps of {settings.grad_accum * processes.world_size} micro-batches "
                 f"({processes.world_size} process(es)); {trainable:,} trainable parameters; "
                 f"{'Liger kernels on' if liger else 'no fused kernels'}; device {processes.device}")
-    final_metrics = run_loop(loop)
-    result = None
-    if processes.is_main:
-        from mtool.train.output import OutputFacts, write_output
+    return loop, liger
 
-        facts = OutputFacts(config=config, base=base, data_source=data.source, data_format=data.data_format,
-                            stats=data.stats, added_tokens=data.added_tokens, template=data.template,
-                            total_steps=len(plan), warmup_steps=loop.warmup_steps, world_size=processes.world_size,
-                            compute_dtype=str(compute_dtype).removeprefix("torch."), liger=liger,
-                            train_examples=len(data.train), eval_examples=len(data.eval) if data.eval else 0)
-        folder = write_output(out, unwrap(loop.model), tokenizer, facts, final_metrics, metrics_log, force=force)
-        ui.info(f"adapter written to {folder}")
-        merged = None
-        if config.merge:
-            from mtool.train.output import merge_into_base
 
-            merged = merge_into_base(base, folder, config.merged_dir, force=force)
-            ui.info(f"merged model written to {merged}")
-        result = TrainResult(folder, final_metrics, merged)
-    barrier(processes)
-    return result
+def _resume(loop: Loop, folder: Path) -> None:
+    """Load a checkpoint's weights, optimizer and progress into ``loop``; drop the metrics after it."""
+    loop.progress = load_checkpoint(folder, model=unwrap(loop.model), optimizer=loop.optimizer)
+    if loop.scaler is not None and loop.progress.scaler:
+        loop.scaler.load_state_dict(loop.progress.scaler)
+    if loop.processes.is_main:
+        loop.metrics.keep_until(loop.progress.step)
+        ui.info(f"resuming from {folder} (step {loop.progress.step} of {loop.total_steps})")
 
 
 def _checkpoint_to_resume(config: TrainConfig, *, resume: bool, force: bool, processes: Processes) -> Path | None:
