@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     import torch
 
 PREFETCH_TENSORS = 3
-ELEMENTWISE_CHUNK = 1 << 18  # elements: a few such float32 chunks stay in a core's cache
+ELEMENTWISE_CHUNK = 1 << 20  # elements: a few such float32 chunks stay in a core's cache
 PREFETCH_BYTES = 128 * 2**20
 PENDING_WRITES = 8  # output parts queued for the writer thread
 

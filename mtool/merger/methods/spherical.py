@@ -13,9 +13,9 @@ SLERP_DOT_THRESHOLD = 0.9995
 
 
 def slerp_statistics(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """``[|v0|^2, |v1|^2, <v0, v1>]`` in float64: the sums SLERP needs, additive over chunks."""
-    a, b = v0.reshape(-1).double(), v1.reshape(-1).double()
-    return torch.stack([a @ a, b @ b, a @ b])
+    """``[|v0|^2, |v1|^2, <v0, v1>]``, returned in float64: the sums SLERP needs, additive over chunks."""
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    return torch.stack([a @ a, b @ b, a @ b]).double()
 
 
 def slerp_coefficients(t: float, statistics: torch.Tensor, *, dot_threshold: float = SLERP_DOT_THRESHOLD,

@@ -68,8 +68,9 @@ def combine_task_vectors(base: torch.Tensor, weighted: list[torch.Tensor], weigh
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for delta, weight in zip(weighted, weights):
-            agrees = torch.where(positive, delta > 0, delta < 0)
-            mixed.add_(delta * agrees)
+            # sign(delta) == elected sign, with a zero delta agreeing with neither
+            agrees = torch.logical_and(delta != 0, (delta > 0) == positive).to(delta.dtype)
+            mixed.addcmul_(delta, agrees)
             divisor.add_(agrees, alpha=weight)
         divisor[divisor == 0] = 1
     else:
@@ -90,6 +91,7 @@ class MemberState:
 
     threshold: float | None = None
     rescale: float = 1.0
+    masks: dict[int, torch.Tensor] | None = None  # random keep masks drawn while preparing, by chunk offset
 
 
 def _keep_mask(task: MergeTask, position: int, delta: torch.Tensor, density: float, state: MemberState,
@@ -98,6 +100,8 @@ def _keep_mask(task: MergeTask, position: int, delta: torch.Tensor, density: flo
     if sparsification is Sparsification.MAGNITUDE:
         return None if state.threshold is None else delta.abs() >= state.threshold
     if sparsification is Sparsification.RANDOM and density < 1:
+        if state.masks is not None and task.offset in state.masks:
+            return state.masks[task.offset]
         if density <= 0:
             return torch.zeros_like(delta, dtype=torch.bool)
         draws = position_uniforms(task.seed or 0, position, task.offset, delta.numel())
@@ -128,6 +132,7 @@ def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> l
         rescale = 1.0
         if tensor.params["rescale"] and options.sparsification is not Sparsification.NONE and 0 < density < 1:
             state = MemberState(threshold=threshold)
+            masks: dict[int, torch.Tensor] = {}
             before = after = 0.0
             for start in tensor.starts():
                 chunk = tensor.chunk(start)
@@ -135,8 +140,12 @@ def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> l
                 mask = _keep_mask(chunk, position, delta, density, state, options.sparsification)
                 before += float(delta.abs().sum(dtype=torch.float64))
                 after += float((delta * mask).abs().sum(dtype=torch.float64)) if mask is not None else before
+                if options.sparsification is Sparsification.RANDOM and mask is not None:
+                    masks[start] = mask  # drawn once: finishing the chunk reuses it (one byte an entry)
             if before >= 1e-7 and after >= 1e-7:
                 rescale = before / after
+            states.append(MemberState(threshold=threshold, rescale=rescale, masks=masks or None))
+            continue
         states.append(MemberState(threshold=threshold, rescale=rescale))
     return states
 
