@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtool.errors import ConfigError
 
@@ -68,6 +68,12 @@ class LoraSettings(_Section):
     rslora: bool = False
     dora: bool = False
     modules_to_save: list[str] = Field(default_factory=list)  # modules trained in full and saved with the adapter
+
+    @model_validator(mode="after")
+    def _alpha_defaults_to_rank(self) -> "LoraSettings":
+        if self.alpha is None:
+            self.__dict__["alpha"] = float(self.rank)  # shown resolved in the saved config
+        return self
 
     @property
     def resolved_alpha(self) -> float:

@@ -61,9 +61,13 @@ def load_base_model(path: str, settings: "ModelSettings", *, compute_dtype: "tor
         kwargs["quantization_config"] = quantization
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
+    import logging
+
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    # bitsandbytes announces on every CPU run that an optional kernel package is missing; its own code runs
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning)
