@@ -251,3 +251,31 @@ def test_packed_training_normalizes_over_the_packed_tokens(tiny_llama, alpaca_fi
     base = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
     assert curve[0] == pytest.approx(eval_loss_float64(base, data.select(first_group), tokenizer.pad_token_id),
                                      rel=1e-5)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_llama, alpaca_file, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    overrides = {"training.max_steps": 16, "checkpoints.every": 1, "lora.dropout": 0.1, "training.micro_batch_size": 2}
+    reference = tmp_path / "reference"
+    train(config_of(tiny_llama, alpaca_file, reference, **overrides))
+    out = tmp_path / "killed"
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(base_config(tiny_llama, alpaca_file, out, **overrides)))
+    process = subprocess.Popen([sys.executable, "-m", "mtool.cli", "-q", "train", str(config_path)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    checkpoints = tmp_path / "killed-checkpoints"
+    deadline = time.time() + 120
+    while not (checkpoints / "step-000003").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not out.exists()  # killed mid-run: no output yet
+    train(validate_config(yaml.safe_load(config_path.read_text()), where="test"), resume=True)
+    assert losses(out) == losses(reference)

@@ -65,8 +65,11 @@ def latest_checkpoint(directory: Path) -> Path | None:
 
 
 def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints; also remove half-written ones a killed run left behind."""
     for _, folder in list_checkpoints(directory)[:-keep]:
         shutil.rmtree(folder, ignore_errors=True)
+    for leftover in directory.glob(".step-*.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------
