@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/merge_bench.py [--methods linear,slerp,ties,dare_ties] [--repeats 3]
                                                [--mergekit-repeats 2] [--layers 22]
 
-Builds once (cached in benchmarks/_work/) a bf16 base of TinyLlama-1.1B's shape (hidden 2048, intermediate
+mtool hashes every input file into the output's lineage record (mergekit does not); each run starts with an
+empty hash cache, so that cost is included. Builds once (cached in benchmarks/_work/) a bf16 base of TinyLlama-1.1B's shape (hidden 2048, intermediate
 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000) and two "fine-tunes" (base + noise), each sharded in 1GB
 files. Each tool runs the same recipe in its own process (mergekit from .mkvenv or $MTOOL_MERGEKIT_PYTHON);
 wall time is the median of the repeats, peak memory the child's maximum resident set. The floor is reading the
@@ -141,8 +142,12 @@ def main() -> None:
                        stdout=subprocess.DEVNULL, check=True)  # warm the page cache for everyone
         out = WORK / f"out-{method}"
         times, peaks = [], []
-        for _ in range(args.repeats):
-            wall, peak = run_measured([*mtool, str(recipe), str(out), "--force", "--no-card"], env)
+        for repeat in range(args.repeats):
+            shutil.rmtree(out, ignore_errors=True)
+            # a fresh hash cache: every run pays for hashing its inputs into the lineage record
+            cold = dict(env, MTOOL_CACHE_DIR=str(WORK / f"hash-cache-{method}-{repeat}"))
+            wall, peak = run_measured([*mtool, str(recipe), str(out), "--no-card"], cold)
+            shutil.rmtree(WORK / f"hash-cache-{method}-{repeat}", ignore_errors=True)
             times.append(wall)
             peaks.append(peak)
         output_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
