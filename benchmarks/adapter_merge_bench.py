@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.merge_bench import SHAPE, run_measured, tensor_shapes  # noqa: E402
+from benchmarks.merge_bench import SHAPE, tensor_shapes  # noqa: E402
 
 WORK = REPO / "benchmarks" / "_work" / "adapter_merge"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -74,6 +74,19 @@ def build_inputs(layers: int, rank: int) -> tuple[Path, Path]:
     return base, adapter
 
 
+def run_measured(command: list[str], env: dict) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds user + system, peak RSS GiB) of ``command`` run in a child process."""
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "code = subprocess.run(sys.argv[1:]).returncode; w = time.perf_counter() - t; "
+               "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+               "print(w, u.ru_utime + u.ru_stime, u.ru_maxrss); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise RuntimeError(f"{command[0]} failed:\n{result.stderr[-3000:]}")
+    wall, cpu, rss_kib = result.stdout.split()[-3:]
+    return float(wall), float(cpu), int(rss_kib) / 2**20
+
+
 def peft_merge(base: str, adapter: str, out: str) -> None:
     """What a PEFT user runs: load the base, wrap it with the adapter, merge_and_unload, save_pretrained."""
     import torch
@@ -119,29 +132,39 @@ def main() -> None:
         "peft": [sys.executable, __file__, "--child-peft", str(base), str(adapter), str(outputs["peft"])],
     }
     subprocess.run(["cat", *map(str, sorted(base.glob("*.safetensors")))], stdout=subprocess.DEVNULL, check=True)
-    times: dict[str, list[float]] = {"mtool": [], "peft": []}
-    peaks: dict[str, list[float]] = {"mtool": [], "peft": []}
+    runs: dict[str, list[tuple[float, float, float]]] = {"mtool": [], "mtool-cached": [], "peft": []}
     for _ in range(args.repeats):
-        for tool in ("mtool", "peft"):
-            shutil.rmtree(outputs["peft"], ignore_errors=True) if tool == "peft" else None
-            with tempfile.TemporaryDirectory() as cache:
-                wall, peak = run_measured(commands[tool], env=dict(env, MTOOL_CACHE_DIR=cache))
-            times[tool].append(wall)
-            peaks[tool].append(peak)
-            print(f"{tool}: {wall:.2f} s, {peak:.2f} GiB", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as cache:  # a fresh hash cache: mtool hashes the base from scratch
+            runs["mtool"].append(run_measured(commands["mtool"], dict(env, MTOOL_CACHE_DIR=cache)))
+            # the same with the base's hashes remembered, as on every later merge into this base
+            runs["mtool-cached"].append(run_measured(commands["mtool"], dict(env, MTOOL_CACHE_DIR=cache)))
+        shutil.rmtree(outputs["peft"], ignore_errors=True)
+        runs["peft"].append(run_measured(commands["peft"], env))
+        print({tool: f"{r[-1][0]:.2f} s wall, {r[-1][1]:.2f} s CPU, {r[-1][2]:.2f} GiB" for tool, r in runs.items()},
+              file=sys.stderr)
     worst, differing = compare(outputs["mtool"], outputs["peft"])
     size = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
-    mtool_time, peft_time = statistics.median(times["mtool"]), statistics.median(times["peft"])
-    mtool_peak, peft_peak = max(peaks["mtool"]), max(peaks["peft"])
+
+    def summary(tool: str) -> tuple[float, float, float, float]:
+        """(median wall, best wall, median CPU, largest peak RSS)."""
+        walls, cpus, peaks = zip(*runs[tool])
+        return statistics.median(walls), min(walls), statistics.median(cpus), max(peaks)
+
+    peft = summary("peft")
     print(f"\nTinyLlama-1.1B shape, {args.layers} layers, bf16 base {size:.2f} GB, LoRA r={args.rank} on "
-          f"{len(TARGETS)} projections x {args.layers} layers; median of {args.repeats} runs, {os.cpu_count()} CPUs\n")
-    print("| tool | wall time | peak RSS | time vs PEFT | RSS vs PEFT |")
-    print("|---|---|---|---|---|")
-    print(f"| PEFT load + merge_and_unload + save_pretrained | {peft_time:.2f} s | {peft_peak:.2f} GiB | 1.00x | 1.00x |")
-    print(f"| mtool adapters merge | {mtool_time:.2f} s | {mtool_peak:.2f} GiB | {peft_time / mtool_time:.2f}x faster "
-          f"| {mtool_peak / peft_peak:.2f}x |")
-    print(f"\noutputs: largest relative difference of a tensor {worst:.2e}; {differing:.2%} of the bf16 values differ "
-          "(PEFT rounds the update to bf16 before adding it, mtool adds in float32 and rounds once)")
+          f"{len(TARGETS)} projections x {args.layers} layers; {args.repeats} runs each, {os.cpu_count()} CPUs "
+          f"(shared)\n")
+    print("| tool | wall time, median (best) | CPU time | peak RSS | wall vs PEFT | RSS vs PEFT |")
+    print("|---|---|---|---|---|---|")
+    labels = {"peft": "PEFT: load + merge_and_unload + save_pretrained",
+              "mtool": "mtool adapters merge (hashes the base)",
+              "mtool-cached": "mtool adapters merge (base hash cached)"}
+    for tool in ("peft", "mtool", "mtool-cached"):
+        wall, best, cpu, peak = summary(tool)
+        print(f"| {labels[tool]} | {wall:.2f} s ({best:.2f} s) | {cpu:.2f} s | {peak:.2f} GiB | "
+              f"{peft[0] / wall:.2f}x faster | {peak / peft[3]:.2f}x |")
+    print(f"\noutputs: largest relative difference of a tensor {worst:.2e}; {differing:.4%} of the bf16 values "
+          "differ")
     for folder in outputs.values():
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -703,9 +703,10 @@ def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 16 * 1024 * 1024)
     if cache is not None and key in cache.entries:
         return cache.entries[key]
     digest = hashlib.sha256()
-    with open(real, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
+    buffer = memoryview(bytearray(chunk_bytes))  # one buffer for the whole file: no fresh pages per chunk
+    with open(real, "rb", buffering=0) as handle:
+        while count := handle.readinto(buffer):
+            digest.update(buffer[:count])
     result = digest.hexdigest()
     if cache is not None:
         cache.entries[key] = result

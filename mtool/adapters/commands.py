@@ -104,11 +104,6 @@ def merge_command(paths: tuple[str, ...], weights: tuple[str, ...], dtype: str |
     adapters are applied in the order given, each scaled by its --weights entry. OUT gets the base's config
     and tokenizer and a lineage record; transformers loads it directly.
     """
-    import os
-
-    # Transparent huge pages round every tensor up to 2 MiB pages; this stream holds few tensors at a time
-    # and is bound by I/O, so they only add resident memory. (Read when PyTorch's allocator starts.)
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
     from mtool.adapters.merge import AdapterMergeOptions, merge_adapters
     from mtool.adapters.quantize import QuantSettings
     from mtool.merger.commands import parse_size

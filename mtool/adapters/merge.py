@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -200,13 +201,29 @@ def add_updates_by_rows(name: str, weight: "torch.Tensor", plan: AdapterMergePla
         updates.append((left, right, item.weight * module.scale))
     out = torch.empty(weight.shape, dtype=out_dtype)
     rows = max(1, ROW_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    scratch = _scratch(rows * weight.shape[1])
     for start in range(0, weight.shape[0], rows):
-        block = weight[start:start + rows].float()
+        count = min(rows, weight.shape[0] - start)
+        block = scratch[: count * weight.shape[1]].view(count, weight.shape[1])
+        block.copy_(weight[start:start + count])
         for left, right, alpha in updates:
-            block.addmm_(left[start:start + rows], right, alpha=alpha)
+            block.addmm_(left[start:start + count], right, alpha=alpha)
         _check_finite(name, block)
-        out[start:start + rows] = block
+        out[start:start + count] = block
     return out
+
+
+_THREAD_SCRATCH = threading.local()
+
+
+def _scratch(elements: int) -> "torch.Tensor":
+    """This thread's float32 work buffer of at least ``elements`` (kept between tensors: no fresh pages)."""
+    import torch
+
+    buffer = getattr(_THREAD_SCRATCH, "buffer", None)
+    if buffer is None or buffer.numel() < elements:
+        buffer = _THREAD_SCRATCH.buffer = torch.empty(max(elements, ROW_BLOCK_ELEMENTS), dtype=torch.float32)
+    return buffer
 
 
 def _check_finite(name: str, tensor: "torch.Tensor") -> None:
@@ -309,6 +326,16 @@ def _stream(plan: AdapterMergePlan, folder: Path, options: AdapterMergeOptions) 
     import torch
 
     return_freed_memory_promptly()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the parallelism is across tensors (two workers), not inside each update
+    try:
+        return _stream_tensors(plan, folder, options)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _stream_tensors(plan: AdapterMergePlan, folder: Path, options: AdapterMergeOptions) -> dict[str, str]:
+    import torch
 
     total = sum(spec.nbytes for spec in plan.specs)
     bar = ui.progress(total=total, desc="merge adapter", unit="B", unit_scale=True)
