@@ -326,37 +326,38 @@ def _halve_batch(run: RunShape) -> RunShape | None:
     return replace(run, micro_batch_size=run.micro_batch_size // 2) if run.micro_batch_size > 1 else None
 
 
-SUGGESTION_STEPS: tuple[tuple[str, Callable[[RunShape], RunShape | None]], ...] = (
+def _halve_sequence(run: RunShape) -> RunShape | None:
+    return replace(run, seq_len=run.seq_len // 2) if run.seq_len > 256 else None
+
+
+# (flags to suggest, the change, how many times it may be applied), in the order they are tried
+SUGGESTION_STEPS: tuple[tuple[str, Callable[[RunShape], RunShape | None], int], ...] = (
     ("--set model.gradient_checkpointing=true",
-     lambda r: None if r.gradient_checkpointing else replace(r, gradient_checkpointing=True)),
-    ("--optimizer adamw_8bit", lambda r: replace(r, optimizer="adamw_8bit") if r.optimizer in ("adamw", "paged_adamw")
-     else None),
-    ("--quantization nf4", lambda r: replace(r, quantization="nf4") if r.quantization == "none" else None),
-    ("pip install 'mtool[liger]' (fused kernels)", lambda r: None if r.liger else replace(r, liger=True)),
-    ("--batch-size {micro_batch_size} --grad-accum x2 (same effective batch)", _halve_batch),
-    ("--batch-size {micro_batch_size} --grad-accum x2 (same effective batch)", _halve_batch),
-    ("--batch-size {micro_batch_size} --grad-accum x2 (same effective batch)", _halve_batch),
-    ("--seq-len {seq_len} (longer examples are cut)",
-     lambda r: replace(r, seq_len=r.seq_len // 2) if r.seq_len > 256 else None),
-    ("--seq-len {seq_len} (longer examples are cut)",
-     lambda r: replace(r, seq_len=r.seq_len // 2) if r.seq_len > 256 else None),
+     lambda r: None if r.gradient_checkpointing else replace(r, gradient_checkpointing=True), 1),
+    ("--optimizer adamw_8bit",
+     lambda r: replace(r, optimizer="adamw_8bit") if r.optimizer in ("adamw", "paged_adamw") else None, 1),
+    ("--quantization nf4", lambda r: replace(r, quantization="nf4") if r.quantization == "none" else None, 1),
+    ("pip install 'mtool[liger]' (fused kernels)", lambda r: None if r.liger else replace(r, liger=True), 1),
+    ("--batch-size {micro_batch_size} --grad-accum x2 (same effective batch)", _halve_batch, 3),
+    ("--seq-len {seq_len} (longer examples are cut)", _halve_sequence, 2),
 )
 
 
-def suggestions(model: ModelShape, run: RunShape, capacity: int, *, on_gpu: bool = True) -> list[Suggestion]:
+def suggestions(model: ModelShape, run: RunShape, capacity: int) -> list[Suggestion]:
     """Changes applied one after another (each keeping the earlier ones) until the estimate fits ``capacity``."""
     usable = usable_bytes(capacity)
     found: list[Suggestion] = []
     current = run
-    for template, change in SUGGESTION_STEPS:
-        if estimate_memory(model, current).total <= usable:
-            break
-        changed = change(current)
-        if changed is None or (not on_gpu and changed.liger != current.liger):
-            continue
-        current = changed
-        found.append(Suggestion(template.format(micro_batch_size=current.micro_batch_size, seq_len=current.seq_len),
-                                estimate_memory(model, current).total))
+    for template, change, repeats in SUGGESTION_STEPS:
+        for _ in range(repeats):
+            if estimate_memory(model, current).total <= usable:
+                return found
+            changed = change(current)
+            if changed is None:
+                break
+            current = changed
+            found.append(Suggestion(template.format(micro_batch_size=current.micro_batch_size,
+                                                    seq_len=current.seq_len), estimate_memory(model, current).total))
     return found
 
 
