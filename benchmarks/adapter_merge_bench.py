@@ -128,15 +128,17 @@ def main() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     commands = {
         "mtool": [str(REPO / ".venv" / "bin" / "mtool"), "-q", "adapters", "merge", str(base), str(adapter),
-                  str(outputs["mtool"]), "--force"],
+                  str(outputs["mtool"])],
         "peft": [sys.executable, __file__, "--child-peft", str(base), str(adapter), str(outputs["peft"])],
     }
     subprocess.run(["cat", *map(str, sorted(base.glob("*.safetensors")))], stdout=subprocess.DEVNULL, check=True)
     runs: dict[str, list[tuple[float, float, float]]] = {"mtool": [], "mtool-cached": [], "peft": []}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as cache:  # a fresh hash cache: mtool hashes the base from scratch
+            shutil.rmtree(outputs["mtool"], ignore_errors=True)  # every run writes a new folder
             runs["mtool"].append(run_measured(commands["mtool"], dict(env, MTOOL_CACHE_DIR=cache)))
             # the same with the base's hashes remembered, as on every later merge into this base
+            shutil.rmtree(outputs["mtool"], ignore_errors=True)
             runs["mtool-cached"].append(run_measured(commands["mtool"], dict(env, MTOOL_CACHE_DIR=cache)))
         shutil.rmtree(outputs["peft"], ignore_errors=True)
         runs["peft"].append(run_measured(commands["peft"], env))

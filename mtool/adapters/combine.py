@@ -2,8 +2,9 @@
 (:mod:`mtool.adapters.combine_peft`) or merged in weight space with an ``mtool merge`` method and factored
 back by SVD (:mod:`mtool.adapters.combine_weightspace`).
 
-The combined adapter targets every module any input targets; a module is combined from the adapters that
-have it. Its factors carry the scale (``lora_alpha = r``). ``modules_to_save`` copies and trainable tokens
+The combined adapter targets every module any input targets. With PEFT's types a module is combined from the
+adapters that have it (as PEFT does); in weight space every adapter is a whole model, unchanged where it has no
+module. The factors carry the scale (``lora_alpha = r``). ``modules_to_save`` copies and trainable tokens
 are carried over from the one adapter that has them (two adapters saving the same module is an error, as in
 PEFT). Differences from PEFT: PEFT keeps the first adapter's ``use_rslora`` flag on the combined adapter,
 which then scales it by ``sqrt(r)`` instead of 1 -- mtool writes ``use_rslora: false``; and PEFT gives the

@@ -159,7 +159,8 @@ class LoraAdapter:
 
     ``targets`` maps each base tensor name the adapter changes with low-rank factors to its
     :class:`LoraModule`; ``replacements`` maps base tensor names to adapter tensors that replace them
-    (``modules_to_save``, saved embedding layers); ``token_rows`` lists trainable-token row updates.
+    (``modules_to_save``, saved embedding layers); ``token_rows`` lists trainable-token row updates;
+    ``bias_updates`` maps base bias names to the modules whose ``lora_B.bias`` is added to them.
     """
 
     def __init__(self, folder: str | os.PathLike) -> None:
@@ -179,6 +180,10 @@ class LoraAdapter:
         self._index_tensors()
         if not self.targets and not self.replacements and not self.token_rows:
             raise InputError("the adapter has no LoRA tensors", where=str(self.folder))
+        self.bias_updates: dict[str, LoraModule] = {
+            module.bias_name: module for module in self.targets.values() if module.bias_key}
+        self._changed = frozenset(self.targets) | frozenset(self.replacements) | frozenset(self.token_rows) \
+            | frozenset(self.bias_updates)
 
     # -- reading the folder -------------------------------------------------------------------------
 
@@ -245,17 +250,13 @@ class LoraAdapter:
     def use_dora(self) -> bool:
         return any(module.is_dora for module in self.targets.values())
 
-    @property
-    def bias_updates(self) -> dict[str, LoraModule]:
-        """Base bias name -> the module whose ``lora_B.bias`` (times the scale) is added to it."""
-        return {module.bias_name: module for module in self.targets.values() if module.bias_key}
-
-    def changed_tensors(self) -> set[str]:
-        """Every base tensor name this adapter changes."""
-        return set(self.targets) | set(self.replacements) | set(self.token_rows) | set(self.bias_updates)
+    def changed_tensors(self) -> frozenset[str]:
+        """Every base tensor name this adapter changes (low-rank targets, replacements, token rows, biases);
+        ``bias_updates`` maps a base bias name to the module whose ``lora_B.bias`` (times the scale) it gets."""
+        return self._changed
 
     def touches(self, name: str) -> bool:
-        return name in self.changed_tensors()
+        return name in self._changed
 
     # -- tensors ---------------------------------------------------------------------------------------
 

@@ -110,15 +110,6 @@ def rank_for_energy(values: "torch.Tensor", energy: float) -> int:
     return min(found, values.numel())
 
 
-def relative_error(approximation: "torch.Tensor", target: "torch.Tensor") -> float:
-    """``||approximation - target||_F / ||target||_F`` (0 when the target is zero and matched exactly)."""
-    norm = float(target.double().norm())
-    difference = float((approximation.double() - target.double()).norm())
-    if norm == 0.0:
-        return 0.0 if difference == 0.0 else math.inf
-    return difference / norm
-
-
 def truncation_energy(values: "torch.Tensor", rank: int) -> tuple[float, float]:
     """``(sum_{k >= r} s_k^2, sum_k s_k^2)``: the squared Frobenius norms of what a rank-``r`` truncation drops
     and of the whole matrix (Eckart-Young: the error of the best rank-r approximation)."""

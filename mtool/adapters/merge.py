@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     import torch
 
 LOOKAHEAD = 3  # tensors read and merged ahead of the writer, at most
-IN_FLIGHT_BYTES = 64 * 2**20  # ... and at most this many bytes of them (a larger tensor goes alone)
+IN_FLIGHT_BYTES = 128 * 2**20  # ... and at most this many bytes of them (a larger tensor goes alone)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 ROW_BLOCK_ELEMENTS = 1 << 20  # float32 scratch of the row-block update: 4 MiB
 
