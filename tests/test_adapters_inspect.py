@@ -17,7 +17,7 @@ def test_inspect_describes_a_dora_adapter(tiny, tmp_path, run_cli):
     assert data["ranks"] == {"4": 2, "8": 2} and data["rank"] == 8 and data["alpha"] == 16
     assert data["scales"] == {f"{16 / 4 ** 0.5:g}": 2, f"{16 / 8 ** 0.5:g}": 2}
     assert data["target_modules"] == ["q_proj", "v_proj"] and data["modules"] == 4
-    assert data["modules_to_save"] == ["lm_head.weight"]
+    assert data["modules_to_save"] == ["lm_head"]
     # A and B of q_proj (8x64 + 64x8) and v_proj (4x64 + 32x4), 4 magnitude vectors, the lm_head copy
     expected = 2 * (8 * 64 + 64 * 8) + 2 * (4 * 64 + 32 * 4) + 2 * 64 + 2 * 32 + 384 * 64
     assert data["trainable_parameters"] == expected
@@ -25,7 +25,7 @@ def test_inspect_describes_a_dora_adapter(tiny, tmp_path, run_cli):
     assert data["base_model"] == str(base)
     assert data["size_bytes"] == (adapter / "adapter_model.safetensors").stat().st_size
     text = run_cli("adapters", "inspect", adapter).output
-    assert "rsLoRA + DoRA" in text and "modules_to_save:  lm_head.weight" in text
+    assert "rsLoRA + DoRA" in text and "modules_to_save:  lm_head" in text
 
 
 def test_inspect_checks_the_base(tiny, tmp_path, run_cli):

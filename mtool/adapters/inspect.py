@@ -77,7 +77,8 @@ def summarize(adapter: LoraAdapter) -> AdapterSummary:
         target_modules=sorted({_leaf(m.module) for m in modules}),
         modules=len(modules),
         embedding_modules=sum(m.is_embedding for m in modules),
-        modules_to_save=sorted(name for name, key in adapter.replacements.items() if ".base_layer." not in key),
+        modules_to_save=sorted({name.rsplit(".", 1)[0] for name, key in adapter.replacements.items()
+                                if ".base_layer." not in key}),
         trainable_tokens={name: len(rows.indices) for name, rows in sorted(adapter.token_rows.items())},
         fan_in_fan_out=settings.fan_in_fan_out,
         lora_bias=bool(adapter.bias_updates),
