@@ -48,6 +48,7 @@ from mtool.checkpoint import (
 from mtool.adapters.validate import adapter_weights
 from mtool.errors import ComputeError, InputError
 from mtool.lineage import Lineage, Parent, describe_parent, write_lineage
+from mtool.naming.card import write_card
 
 if TYPE_CHECKING:
     import torch
@@ -317,6 +318,7 @@ def merge_adapters(base: str, adapters: list[str], output: str | os.PathLike,
                                                                  if plan.untied else 0),
         )
         write_lineage(staging, record)
+        write_card(staging)
     seconds = time.perf_counter() - started
     return AdapterMergeReport(Path(output), seconds, len(plan.specs), len(plan.changed), plan.untied)
 

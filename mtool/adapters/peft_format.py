@@ -119,6 +119,7 @@ def save_adapter_folder(output: str | Path, factors: list[ModuleFactors], config
     """Write a complete adapter folder atomically: weights, config, and ``record`` with the output hashes."""
     from mtool.checkpoint import atomic_output_dir
     from mtool.lineage import hash_files, write_lineage
+    from mtool.naming.card import write_card
 
     with atomic_output_dir(output, force=force, inputs=inputs) as staging:
         files = write_adapter(staging, factors, config, dtype=dtype, extra=extra)
@@ -127,4 +128,5 @@ def save_adapter_folder(output: str | Path, factors: list[ModuleFactors], config
             sum(t.numel() for t in (extra or {}).values())
         record.is_adapter = True
         write_lineage(staging, record)
+        write_card(staging)
     return Path(output)

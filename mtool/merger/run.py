@@ -325,11 +325,9 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def _card(folder: Path) -> None:
-    """Write the model card when the naming package provides it."""
-    try:
-        from mtool.naming.card import write_card
-    except ImportError:
-        return
+    """Write the model card (README.md) derived from the folder's lineage record."""
+    from mtool.naming.card import write_card
+
     write_card(folder)
 
 
