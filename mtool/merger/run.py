@@ -331,19 +331,33 @@ def _card(folder: Path) -> None:
     write_card(folder)
 
 
+def tensor_working_bytes(plan: MergePlan, tensor: TensorPlan) -> int:
+    """Memory the executor needs for ``tensor`` beyond the interpreter itself.
+
+    Streamed from disk: a chunk of every input in the compute dtype plus a few chunk-sized temporaries and the
+    parts queued for the writer; TIES adds one model's magnitudes of the whole tensor (and about as much for
+    selecting its threshold), DARE its keep masks (one byte an entry and model). Read whole: every input in
+    its storage dtype and in the compute dtype, about three tensors of scratch, and the output."""
+    count = _numel(tensor.shape)
+    compute = plan.compute_dtype.itemsize
+    inputs = len(tensor.sources)
+    out = tensor.out_dtype.itemsize
+    if _streams(plan, tensor) and not (tensor.vocabulary and plan.vocabulary is not None):
+        chunk = min(count, ELEMENTWISE_CHUNK)
+        working = chunk * compute * (inputs + 6) + PENDING_WRITES * chunk * out
+        if plan.method.prepare is not None and plan.method.name not in ("slerp",):
+            working += 3 * count * compute + count * (inputs - 1)
+        return working
+    storage = sum(s.model.checkpoint.info(s.tensor).dtype.itemsize for s in tensor.sources)
+    return count * (storage + compute * (inputs + 3) + out)
+
+
 def estimate_peak_bytes(plan: MergePlan) -> int:
-    """Upper estimate of the executor's working memory: the prefetched inputs of the largest tensors in the
-    compute dtype, the method's scratch (about three tensors of the largest size, times the number of
-    models for stacked methods), and the outputs waiting for the writer."""
-    compute_bytes = 8 if str(plan.compute_dtype).endswith("64") else 4
-    largest = sorted(plan.tensors, key=lambda t: _numel(t.shape) * len(t.sources), reverse=True)[:PREFETCH_TENSORS + 1]
-    if not largest:
+    """Upper estimate of the executor's working memory: the largest tensor's working memory plus what is read
+    ahead for the next ones (at most PREFETCH_BYTES)."""
+    if not plan.tensors:
         return 0
-    reads = sum(_numel(t.shape) * len(t.sources) * compute_bytes for t in largest)
-    top = largest[0]
-    scratch = _numel(top.shape) * compute_bytes * (len(top.sources) + 3)
-    writes = 3 * _numel(top.shape) * 4
-    return reads + scratch + writes
+    return max(tensor_working_bytes(plan, t) for t in plan.tensors) + PREFETCH_BYTES
 
 
 def describe_plan(plan: MergePlan) -> str:
@@ -363,7 +377,7 @@ def describe_plan(plan: MergePlan) -> str:
                 text += " | " + "; ".join(", ".join(f"{k}={_fmt(v)}" for k, v in p.items()) for p in per_model)
             lines.append(text)
     total = sum(_numel(t.shape) * t.out_dtype.itemsize for t in plan.tensors)
-    lines.append(f"\noutput size {total / 1e9:.3f} GB; estimated peak working memory "
+    lines.append(f"\noutput size {total / 1e9:.3f} GB; estimated peak working memory (beyond Python and torch) "
                  f"{estimate_peak_bytes(plan) / 2**20:.0f} MiB")
     return "\n".join(lines)
 
