@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtool.checkpoint import Checkpoint, ModelRef, open_checkpoint, parse_dtype, resolve_model
@@ -109,11 +108,6 @@ class TensorPlan:
     out_dtype: "torch.dtype"
     layer: int | None = None
     vocabulary: bool = False  # rows follow the tokenizer (embeddings, lm_head)
-
-    @property
-    def passthrough(self) -> bool:
-        """True when the output is a straight copy of one input tensor (no math needed)."""
-        return len(self.sources) == 1 and not self.model_params[0].get("scale") and self.sources[0].model.adapter is None
 
 
 @dataclass
@@ -341,6 +335,3 @@ def _compute_dtype(read_dtype: "torch.dtype | None") -> "torch.dtype":
 
     return torch.float64 if read_dtype == torch.float64 else torch.float32
 
-
-def model_folder(model: InputModel) -> Path:
-    return model.checkpoint.folder
