@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -146,10 +147,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return count
+        return math.prod(self.shape)
 
 
 _ELEMENT_BITS = {
@@ -202,10 +200,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             begin, end = (int(v) for v in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"corrupt safetensors header entry for tensor {name!r}", where=str(path)) from None
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        expected = (numel * _ELEMENT_BITS.get(dtype_name, 0) + 7) // 8
+        expected = (math.prod(shape) * _ELEMENT_BITS.get(dtype_name, 0) + 7) // 8
         if dtype_name not in _ELEMENT_BITS or end - begin != expected or begin < 0:
             raise CheckpointError(
                 f"corrupt safetensors header: tensor {name!r} ({dtype_name}, shape {list(shape)}) has "
@@ -396,11 +391,12 @@ class TensorSpec:
         return dtype_to_safetensors(self.dtype)
 
     @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
     def nbytes(self) -> int:
-        count = 1
-        for size in self.shape:
-            count *= size
-        return (count * _element_bits(self.dtype_name) + 7) // 8
+        return (self.numel * _element_bits(self.dtype_name) + 7) // 8
 
 
 @dataclass
@@ -523,9 +519,9 @@ class CheckpointWriter:
             raise CheckpointError(f"tensor {name!r} is {values.dtype}, announced as {spec.dtype}")
         shard_number, _ = self._where[name]
         shard = self._shards[shard_number]
-        itemsize = spec.nbytes // max(1, _numel(spec.shape))
+        itemsize = spec.nbytes // max(1, spec.numel)
         count = values.numel()
-        if start < 0 or start + count > _numel(spec.shape):
+        if start < 0 or start + count > spec.numel:
             raise CheckpointError(f"part [{start}, {start + count}) is outside tensor {name!r}")
         if count:
             data = memoryview(values.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
@@ -538,7 +534,7 @@ class CheckpointWriter:
             else:
                 self._hashers[shard_number] = None
         self._received[name] = self._received.get(name, 0) + count
-        if self._received[name] == _numel(spec.shape):
+        if self._received[name] == spec.numel:
             self._written.add(name)
 
     def _spec(self, name: str) -> TensorSpec:
@@ -584,13 +580,6 @@ class CheckpointWriter:
             self.close()
         else:
             self._close_fds()
-
-
-def _numel(shape: Sequence[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

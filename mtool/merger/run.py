@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -50,9 +51,7 @@ PENDING_WRITES = 8  # output parts queued for the writer thread
 
 def _input_bytes(tensor: TensorPlan) -> int:
     """Bytes the inputs of ``tensor`` occupy once read (in their storage dtype)."""
-    count = 1
-    for size in tensor.shape:
-        count *= size
+    count = math.prod(tensor.shape)
     return sum(count * source.model.checkpoint.info(source.tensor).dtype.itemsize for source in tensor.sources)
 
 
@@ -307,7 +306,7 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -
             seed=options.seed if plan.method.random else None,
             outputs={**hash_files(f for f in sorted(staging.glob("*.safetensors")) if f.name not in digests),
                      **digests},
-            parameter_count=sum(_numel(spec.shape) for spec in specs),
+            parameter_count=sum(spec.numel for spec in specs),
         )
         write_lineage(staging, record)
         if options.write_card:
@@ -315,13 +314,6 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -
     elapsed = time.perf_counter() - started
     ui.info(f"wrote {output} ({total_bytes / 1e9:.2f} GB, {len(specs)} tensors) in {elapsed:.1f} s")
     return output
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _card(folder: Path) -> None:
@@ -338,7 +330,7 @@ def tensor_working_bytes(plan: MergePlan, tensor: TensorPlan) -> int:
     parts queued for the writer; TIES adds one model's magnitudes of the whole tensor (and about as much for
     selecting its threshold), DARE its keep masks (one byte an entry and model). Read whole: every input in
     its storage dtype and in the compute dtype, about three tensors of scratch, and the output."""
-    count = _numel(tensor.shape)
+    count = math.prod(tensor.shape)
     compute = plan.compute_dtype.itemsize
     inputs = len(tensor.sources)
     out = tensor.out_dtype.itemsize
@@ -376,7 +368,7 @@ def describe_plan(plan: MergePlan) -> str:
             if per_model:
                 text += " | " + "; ".join(", ".join(f"{k}={_fmt(v)}" for k, v in p.items()) for p in per_model)
             lines.append(text)
-    total = sum(_numel(t.shape) * t.out_dtype.itemsize for t in plan.tensors)
+    total = sum(math.prod(t.shape) * t.out_dtype.itemsize for t in plan.tensors)
     lines.append(f"\noutput size {total / 1e9:.3f} GB; estimated peak working memory (beyond Python and torch) "
                  f"{estimate_peak_bytes(plan) / 2**20:.0f} MiB")
     return "\n".join(lines)
