@@ -627,6 +627,12 @@ def check_output_target(target: str | os.PathLike, *, force: bool, inputs: Seque
     return target
 
 
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target: str | os.PathLike, *, force: bool = False,
                       inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
@@ -638,6 +644,7 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False,
     target = check_output_target(target, force=force, inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700); an output gets the usual mode
     try:
         yield staging
     except BaseException:

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "estimate": "mtool.train.commands:estimate",
     "name": "mtool.naming.commands:name",
     "card": "mtool.naming.commands:card",
+    "demo": "mtool.demo.commands:demo",
 }
 
 

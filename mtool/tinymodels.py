@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,10 +55,11 @@ class TinySpec:
     max_position_embeddings: int = 512
 
 
-def build_tokenizer(vocab_size: int = 384):
+def build_tokenizer(vocab_size: int = 384, corpus: "Sequence[str] | None" = None):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a built-in corpus, with a chat template.
 
-    Deterministic: the same vocabulary every time. Special tokens: ``<s>`` (bos), ``</s>`` (eos),
+    ``corpus`` (lines of text) replaces the built-in corpus, e.g. so that a task's words become single tokens.
+    Deterministic: the same vocabulary for the same corpus. Special tokens: ``<s>`` (bos), ``</s>`` (eos),
     ``<pad>`` (pad, distinct from eos), ``<unk>`` and the chat role markers.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -72,7 +74,8 @@ def build_tokenizer(vocab_size: int = 384):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_CORPUS.strip().splitlines() * 4, trainer=trainer)
+    lines = list(corpus) if corpus is not None else _CORPUS.strip().splitlines()
+    tokenizer.train_from_iterator(lines * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",

@@ -263,3 +263,11 @@ def test_file_sha256_streams_and_caches(tmp_path: Path, monkeypatch) -> None:
     (blobs / digest).write_bytes(b"x")
     (tmp_path / "link.safetensors").symlink_to(blobs / digest)
     assert file_sha256(tmp_path / "link.safetensors") == digest
+
+
+def test_output_folder_gets_the_mode_of_an_ordinary_mkdir(tmp_path: Path) -> None:
+    reference = tmp_path / "made-by-mkdir"
+    reference.mkdir()
+    with atomic_output_dir(tmp_path / "out") as staging:
+        (staging / "file.txt").write_text("x")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == reference.stat().st_mode & 0o777

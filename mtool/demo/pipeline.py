@@ -1,0 +1,269 @@
+"""The demo's steps, each one an ordinary mtool command run in this process and printed as the user would type it.
+
+    base -> train capitals QLoRA ---> adapters merge -> capitals fine-tune --+--> merge linear / slerp / ties / dare_ties
+         -> train symbols QLoRA  ---> adapters merge -> symbols fine-tune  --+
+         (both adapters) ------------> adapters combine (cat) -> one adapter
+    then: every model scored on every skill, every output named (schema), carded and linted.
+
+Every output folder is renamed to its standardized name as soon as it is written, before anything reads it,
+so lineage records and cards point at the final paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shlex
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from mtool import ui
+from mtool.demo.base import BaseSettings, make_demo_base
+from mtool.demo.report import Row
+from mtool.demo.tasks import Task, all_tasks, general_task, skill_tasks, tokenizer_corpus
+from mtool.errors import OutputExistsError
+
+MARKER = "mtool-demo.json"  # marks a folder as a demo output, so --force may replace it
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """What the demo trains and merges. :meth:`quick` is the reduced run the tests use."""
+
+    facts_per_skill: int | None = None  # None: all 20
+    base: BaseSettings = field(default_factory=BaseSettings)
+    adapter_steps: int = 150
+    adapter_lr: float = 1e-2
+    adapter_rank: int = 16
+    batch_size: int = 34
+    density: float = 0.8  # TIES and DARE-TIES: share of each task vector kept
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> DemoSettings:
+        return cls(facts_per_skill=8, base=BaseSettings(steps=60, seed=seed), adapter_steps=60, seed=seed)
+
+    def with_seed(self, seed: int) -> DemoSettings:
+        return replace(self, seed=seed, base=replace(self.base, seed=seed))
+
+
+@dataclass
+class DemoResult:
+    folder: Path
+    rows: list[Row]
+    tasks: list[str]
+    names: dict[str, str]  # output folder name -> "ok" or the lint findings
+    seconds: dict[str, float]
+
+
+def prepare_folder(out: Path, *, force: bool) -> Path:
+    """Refuse an existing ``out`` unless ``force`` and it is an earlier demo's folder (never another folder)."""
+    out = out.resolve()
+    if out.exists():
+        if not force:
+            raise OutputExistsError(f"the output {out} already exists", fix="choose another folder or pass --force")
+        if not (out / MARKER).is_file():
+            raise OutputExistsError(f"{out} exists and is not a folder written by `mtool demo`",
+                                    fix="choose another folder (--force only replaces an earlier demo's folder)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+def run_command(args: list[str]) -> None:
+    """Run ``mtool ARGS`` in this process, its own messages silenced unless -v; a failure exits like the CLI."""
+    from mtool.cli import main
+
+    saved = (ui.VERBOSITY.verbose, ui.VERBOSITY.quiet)
+    verbosity = ["-v"] * saved[0] if saved[0] else ["-q"]
+    printed = contextlib.nullcontext() if saved[0] else contextlib.redirect_stdout(io.StringIO())
+    try:
+        with printed:
+            main.main(args=[*verbosity, *args], prog_name="mtool", standalone_mode=False)
+    finally:
+        ui.VERBOSITY.verbose, ui.VERBOSITY.quiet = saved
+
+
+def name_output(folder: Path, label: str) -> Path:
+    """Rename ``folder`` to its standardized name (from its lineage record, with Label ``label``) and write its
+    card under that name."""
+    from mtool.naming.card import write_card
+    from mtool.naming.suggest import suggest_name
+
+    name = str(suggest_name(folder, label=label))
+    target = folder.with_name(name)
+    if target.exists():
+        raise OutputExistsError(f"two demo outputs would both be named {name}", where=str(folder))
+    folder.rename(target)
+    write_card(target, name=name)
+    return target
+
+
+class Steps:
+    """Numbered, timed steps printed as they run."""
+
+    def __init__(self, total: int, cwd: Path) -> None:
+        self.total, self.done, self.cwd, self.seconds = total, 0, cwd, {}
+
+    def run(self, title: str, action: Callable[[], object], command: list[str] | None = None):
+        self.done += 1
+        ui.info(f"[{self.done}/{self.total}] {title}")
+        if command is not None:
+            ui.info("    $ mtool " + " ".join(shlex.quote(self._short(a)) for a in command))
+        start = time.perf_counter()
+        result = action()
+        self.seconds[title] = round(time.perf_counter() - start, 2)
+        ui.info(f"    done in {self.seconds[title]:.1f} s")
+        return result
+
+    def _short(self, argument: str) -> str:
+        try:
+            return os.path.relpath(argument, self.cwd) if os.path.isabs(argument) else argument
+        except ValueError:
+            return argument
+
+
+def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(), *, force: bool = False) -> DemoResult:
+    """Run the whole demo into ``out`` (see the module docstring); returns the accuracy rows."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    out = prepare_folder(Path(out), force=force)
+    skills = skill_tasks(settings.facts_per_skill)
+    general = general_task()
+    merge_methods = ("linear", "slerp", "ties", "dare_ties")
+    steps = Steps(total=1 + 2 * len(skills) + len(merge_methods) + 3, cwd=Path.cwd())
+    data = out / "data"
+    data.mkdir()
+    files = {task.name: task.write_jsonl(data / f"{task.name}.jsonl") for task in (*skills, general)}
+    recipes = out / "recipes"
+    recipes.mkdir()
+
+    base = out / "base"
+    steps.run(f"pre-train a tiny base model on {len(general.pairs)} general facts ({settings.base.steps} steps)",
+              lambda: make_demo_base(base, tokenizer_corpus([*skills, general]), general, settings.base))
+
+    adapters: dict[str, Path] = {}
+    fine_tunes: dict[str, Path] = {}
+    for task in skills:
+        config = _write_train_config(recipes / f"train-{task.name}.yaml", base, out / f"{task.name}-adapter",
+                                     [files[task.name], files[general.name]], out / "checkpoints" / task.name,
+                                     settings)
+        command, output = ["train", str(config)], out / f"{task.name}-adapter"
+        adapters[task.name] = steps.run(
+            f"train a QLoRA adapter on {task.name} ({len(task.pairs)} facts + the general facts replayed)",
+            lambda command=command, output=output, task=task: _write(command, output, _label(task.name)), command)
+        output = out / f"{task.name}-merged"
+        command = ["adapters", "merge", str(base), str(adapters[task.name]), str(output), "--dtype", "float32"]
+        fine_tunes[task.name] = steps.run(
+            f"merge the {task.name} adapter into the base",
+            lambda command=command, output=output, task=task: _write(command, output, _label(task.name)), command)
+
+    both = "".join(_label(task.name) for task in skills)
+    merges: dict[str, Path] = {}
+    for method in merge_methods:
+        recipe = _write_merge_recipe(recipes / f"merge-{method}.yaml", method, base, fine_tunes, settings)
+        output = out / f"merge-{method}"
+        command = ["merge", str(recipe), str(output), "--seed", str(settings.seed)]
+        merges[method] = steps.run(f"merge the two fine-tunes: {method}",
+                                   lambda command=command, output=output: _write(command, output, both), command)
+    skill_names = [task.name for task in skills]
+    output = out / "adapters-cat"
+    command = ["adapters", "combine", *(str(adapters[name]) for name in skill_names), str(output),
+               "--method", "cat", "--weights", ",".join(["0.5"] * len(skill_names))]
+    combined = steps.run("combine the two adapters in adapter space (cat, weights 0.5 each)",
+                         lambda: _write(command, output, both), command)
+
+    models = [Row("base", "base", "base", "base", {})]
+    models += [Row("fine-tune", f"{name} fine-tune", path.name, path.name, {}) for name, path in fine_tunes.items()]
+    labels = {"linear": "Linear merge", "slerp": "SLERP merge", "ties": "TIES merge", "dare_ties": "DARE-TIES merge"}
+    models += [Row("merge", labels[method], path.name, path.name, {}) for method, path in merges.items()]
+    models.append(Row("adapters", "adapters combined", combined.name, combined.name, {}))
+    tasks = all_tasks(skills)
+    rows = steps.run(f"score {len(models)} models on {len(tasks)} tasks (exact match, greedy)",
+                     lambda: _score(out, base, models, tasks))
+    names = steps.run("lint every output's name against its folder",
+                      lambda: _lint([*adapters.values(), *fine_tunes.values(), *merges.values(), combined]))
+
+    from mtool.demo.report import write_chart, write_results
+
+    task_names = [task.name for task in tasks]
+    write_results(out, rows, task_names, {"settings": asdict(settings), "seconds": steps.seconds, "names": names})
+    write_chart(out / "accuracy.png", rows, task_names)
+    (out / MARKER).write_text(json.dumps({"settings": asdict(settings)}, indent=2) + "\n", encoding="utf-8")
+    return DemoResult(out, rows, task_names, names, steps.seconds)
+
+
+def _write(command: list[str], output: Path, label: str) -> Path:
+    """Run a command that writes ``output``; return the folder under its standardized name."""
+    run_command(command)
+    return name_output(output, label)
+
+
+def _label(task_name: str) -> str:
+    """A task's name as a naming-schema Label (CamelCase)."""
+    return "".join(word.capitalize() for word in task_name.replace("-", "_").split("_"))
+
+
+def _write_train_config(path: Path, base: Path, out: Path, data: list[Path], checkpoints: Path,
+                        settings: DemoSettings) -> Path:
+    import yaml
+
+    config = {
+        "base": str(base), "out": str(out), "seed": settings.seed,
+        "model": {"quantization": "nf4", "gradient_checkpointing": False},
+        "lora": {"rank": settings.adapter_rank, "alpha": settings.adapter_rank, "target_modules": "all-linear"},
+        "data": {"path": [str(p) for p in data], "format": "chat"},
+        "training": {"max_steps": settings.adapter_steps, "micro_batch_size": settings.batch_size,
+                     "lr": settings.adapter_lr, "schedule": "constant", "warmup_steps": 0},
+        "checkpoints": {"every": 0, "dir": str(checkpoints)},  # metrics.jsonl; a checkpoint only on Ctrl-C
+    }
+    header = "# QLoRA (4-bit NF4 base) on one skill, with the base's general facts replayed against forgetting.\n"
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _write_merge_recipe(path: Path, method: str, base: Path, fine_tunes: dict[str, Path], settings: DemoSettings) -> Path:
+    """A mergekit recipe merging the fine-tunes with ``method``."""
+    import yaml
+
+    models = list(fine_tunes.values())
+    recipe: dict = {"merge_method": method}
+    if method == "linear":  # the weighted mean of the fine-tunes
+        recipe["models"] = [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]
+    elif method == "slerp":  # halfway along the arc between the two fine-tunes
+        recipe["base_model"] = str(models[0])
+        recipe["models"] = [{"model": str(m)} for m in models]
+        recipe["parameters"] = {"t": 0.5}
+    else:  # ties, dare_ties: task vectors against the base, trimmed (or dropped) to `density`
+        recipe["base_model"] = str(base)
+        recipe["models"] = [{"model": str(m), "parameters": {"weight": 1.0, "density": settings.density}}
+                            for m in models]
+    recipe["dtype"] = "float32"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _score(out: Path, base: Path, models: list[Row], tasks: list[Task]) -> list[Row]:
+    from mtool.demo.evaluate import accuracy, load_for_eval
+
+    rows = []
+    for row in models:
+        model, tokenizer = load_for_eval(out / row.folder, base)
+        rows.append(replace(row, accuracy={task.name: accuracy(model, tokenizer, task) for task in tasks}))
+    return rows
+
+
+def _lint(folders: list[Path]) -> dict[str, str]:
+    from mtool.naming.lint import lint_name
+
+    results = {}
+    for folder in folders:
+        report = lint_name(folder.name, folder)
+        results[folder.name] = "ok" if not report.findings else "; ".join(f.message for f in report.findings)
+    return results

@@ -1,0 +1,129 @@
+"""`mtool demo --quick`: the whole pipeline, checked end to end on its outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtool.lineage import read_lineage
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One reduced demo run through the CLI: (its folder, what it printed on stdout)."""
+    from click.testing import CliRunner
+
+    from mtool.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    result = CliRunner().invoke(main, ["demo", str(out), "--quick"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return out, result.stdout
+
+
+def _results(folder: Path) -> dict:
+    return json.loads((folder / "results.json").read_text())
+
+
+def _accuracy(folder: Path) -> dict[str, dict[str, float]]:
+    return {row["label"]: row["accuracy"] for row in _results(folder)["rows"]}
+
+
+def _named_outputs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("Llama-"))
+
+
+def test_prints_the_accuracy_table_and_each_fine_tune_beats_the_base_on_its_skill(demo) -> None:
+    folder, printed = demo
+    accuracy = _accuracy(folder)
+    for label in ("base", "capitals fine-tune", "symbols fine-tune", "Linear merge", "SLERP merge", "TIES merge",
+                  "DARE-TIES merge", "adapters combined"):
+        assert label in printed
+        assert set(accuracy[label]) == {"capitals", "symbols", "general"}
+    assert "capitals" in printed.splitlines()[1] and "general" in printed.splitlines()[1]
+    for skill in ("capitals", "symbols"):
+        assert accuracy["base"][skill] == 0.0  # the base never saw these facts
+        assert accuracy[f"{skill} fine-tune"][skill] >= 0.75
+    assert accuracy["base"]["general"] >= 0.9  # what it was pre-trained on
+    assert (folder / "results.md").read_text().count("|") > 8 * 5
+    assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_names_lint_clean_and_cards_parse(demo) -> None:
+    from huggingface_hub import ModelCard
+
+    from mtool.naming.lint import lint_name
+    from mtool.naming.schema import parse_name
+
+    folder, _ = demo
+    outputs = _named_outputs(folder)
+    assert len(outputs) == 9  # 2 adapters, 2 fine-tunes, 4 merges, 1 combined adapter
+    assert set(_results(folder)["names"]) == {p.name for p in outputs}
+    for output in outputs:
+        report = lint_name(output.name, output)
+        assert report.findings == [], (output.name, report.findings)
+        assert parse_name(output.name).lora == (output / "adapter_config.json").is_file()
+        card = ModelCard.load(output / "README.md")
+        assert card.data.model_name == output.name
+        assert card.data.license == "apache-2.0"  # the base's, carried through every step
+
+
+def test_outputs_load_and_record_their_lineage(demo) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = demo
+    base = AutoModelForCausalLM.from_pretrained(folder / "base", dtype=torch.float32)
+    ids = torch.tensor([[5, 9, 42, 7, 100]])
+    for output in _named_outputs(folder):
+        record = read_lineage(output)
+        assert record is not None
+        if (output / "adapter_config.json").is_file():
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder / "base", dtype=torch.float32),
+                                              output)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+        assert torch.isfinite(model(ids).logits).all()
+        operation = {"SFT-v1.0-LoRA": "train", "SFT-v1.0": "adapter-merge", "Linear-v1.0-LoRA": "combine"}
+        expected = next((op for suffix, op in operation.items() if output.name.endswith(suffix)), "merge")
+        assert record.operation == expected, output.name
+    ties = read_lineage(next(p for p in _named_outputs(folder) if p.name.endswith("-TIES-v1.0")))
+    assert {Path(p.id).name for p in ties.parents} == {"base", "Llama-558K-Capitals-SFT-v1.0",
+                                                       "Llama-558K-Symbols-SFT-v1.0"}
+    fine_tune = next(p for p in ties.parents if p.id.endswith("Capitals-SFT-v1.0"))
+    assert fine_tune.lineage is not None and fine_tune.lineage.operation == "adapter-merge"  # the tree travels along
+    del base
+
+
+def test_adapter_space_combination_equals_the_linear_merge(demo) -> None:
+    """cat with weights 0.5 + 0.5 adds half of each adapter's update: the mean of the two fine-tunes, which is
+    what the linear merge wrote in weight space."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder, _ = demo
+    outputs = {p.name: p for p in _named_outputs(folder)}
+    combined = outputs["Llama-558K-CapitalsSymbols-Linear-v1.0-LoRA"]
+    linear = AutoModelForCausalLM.from_pretrained(outputs["Llama-558K-CapitalsSymbols-Linear-v1.0"], dtype=torch.float32)
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder / "base", dtype=torch.float32),
+                                        combined)
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, linear(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_refuses_to_overwrite(demo, run_cli, tmp_path: Path) -> None:
+    folder, _ = demo
+    result = run_cli("demo", folder, "--quick", expect=3)
+    assert "already exists" in result.output and "--force" in result.output
+    other = tmp_path / "not-a-demo"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    result = run_cli("demo", other, "--quick", "--force", expect=3)
+    assert "not a folder written by `mtool demo`" in result.output
+    assert (other / "keep.txt").read_text() == "mine"
