@@ -18,6 +18,7 @@ import os
 import shlex
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -254,7 +255,9 @@ def _score(out: Path, base: Path, models: list[Row], tasks: list[Task]) -> list[
 
     rows = []
     for row in models:
-        model, tokenizer = load_for_eval(out / row.folder, base)
+        with warnings.catch_warnings():  # library deprecation notices, not the user's concern here
+            warnings.simplefilter("ignore", FutureWarning)
+            model, tokenizer = load_for_eval(out / row.folder, base)
         rows.append(replace(row, accuracy={task.name: accuracy(model, tokenizer, task) for task in tasks}))
     return rows
 

@@ -21,8 +21,7 @@ class Row:
 def text_table(rows: list[Row], tasks: list[str]) -> str:
     """A fixed-width table for the terminal, accuracy in percent."""
     label_width = max(len("model"), *(len(row.label) for row in rows))
-    name_width = max(len("name"), *(len(row.name) for row in rows))
-    header = f"{'model':<{label_width}}  " + "".join(f"{task:>10}" for task in tasks) + f"    {'name':<{name_width}}"
+    header = f"{'model':<{label_width}}  " + "".join(f"{task:>10}" for task in tasks) + "    name"
     lines = [header, "-" * len(header)]
     for row in rows:
         cells = "".join(f"{row.accuracy[task]:>10.0%}" for task in tasks)
@@ -60,9 +59,9 @@ def write_chart(path: Path, rows: list[Row], tasks: list[str]) -> Path:
         axes.bar(positions, [100 * row.accuracy[task] for row in rows], width, label=task)
     axes.set_xticks(range(len(rows)), [row.label for row in rows], rotation=30, ha="right", fontsize=8)
     axes.set_ylabel("exact-match accuracy (%)")
-    axes.set_ylim(0, 105)
+    axes.set_ylim(0, 118)
     axes.set_title("mtool demo: each skill, before and after merging")
-    axes.legend(fontsize=8, loc="upper right")
+    axes.legend(fontsize=8, loc="upper center", ncol=len(tasks), frameon=False)
     axes.grid(axis="y", alpha=0.3)
     figure.tight_layout()
     figure.savefig(path)
