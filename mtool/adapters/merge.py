@@ -48,6 +48,7 @@ from mtool.checkpoint import (
 from mtool.adapters.validate import adapter_weights
 from mtool.errors import ComputeError, InputError
 from mtool.lineage import Lineage, Parent, describe_parent, write_lineage
+from mtool.memory import return_freed_memory_promptly
 from mtool.naming.card import write_card
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ if TYPE_CHECKING:
 
 LOOKAHEAD = 3  # tensors read and merged ahead of the writer, at most
 IN_FLIGHT_BYTES = 128 * 2**20  # ... and at most this many bytes of them (a larger tensor goes alone)
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 ROW_BLOCK_ELEMENTS = 1 << 20  # float32 scratch of the row-block update: 4 MiB
 
 
@@ -321,27 +321,6 @@ def merge_adapters(base: str, adapters: list[str], output: str | os.PathLike,
         write_card(staging)
     seconds = time.perf_counter() - started
     return AdapterMergeReport(Path(output), seconds, len(plan.specs), len(plan.changed), plan.untied)
-
-
-def return_freed_memory_promptly() -> None:
-    """Have glibc give every freed block of 1 MiB or more back to the system at once.
-
-    glibc serves an allocation from its heap, not from a fresh mapping, once it is below a threshold that
-    rises to the size of the last large block freed (up to 32 MiB). A stream of tensors of a few MiB to a
-    few tens of MiB then accumulates in the heaps of the worker threads; fixing the threshold keeps the
-    resident memory at the tensors actually held. No effect outside glibc.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):
-        return
 
 
 def _stream(plan: AdapterMergePlan, folder: Path, options: AdapterMergeOptions) -> dict[str, str]:

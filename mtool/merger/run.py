@@ -37,6 +37,7 @@ from mtool.checkpoint import (
 )
 from mtool.errors import ComputeError
 from mtool.lineage import Lineage, Parent, describe_parent, hash_files, write_lineage
+from mtool.memory import reuse_freed_buffers
 from mtool.merger.methods.base import ChunkedTensor, ElementSource, InMemory, MergeTask
 from mtool.merger.plan import MergePlan, TensorPlan
 
@@ -245,6 +246,7 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -
     # One thread of math: the other cores read, write and hash in parallel, and small element-wise chunks
     # do not pay for waking a thread team on every operation.
     torch.set_num_threads(1)
+    reuse_freed_buffers()
     inputs = [m.checkpoint.folder for m in plan.models.values()]
     inputs += [m.adapter_ref.path for m in plan.models.values() if m.adapter_ref is not None]
     specs = [TensorSpec(t.name, tuple(t.shape), t.out_dtype) for t in plan.tensors]

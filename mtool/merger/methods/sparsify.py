@@ -34,7 +34,8 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     ``torch.kthvalue`` on tens of millions of entries is slow on the CPU. Here a fixed sample of the values
     brackets the answer in a narrow band ``[low, high]`` (generous margins around the sample quantile);
     counting the entries above ``high`` and selecting within the band gives the exact k-th largest. When the
-    band misses (practically never), the full selection runs.
+    band misses (practically never), the full selection runs. Counting and banding go part by part, so the
+    temporaries stay small next to ``values``.
     """
     n = values.numel()
     if n <= 1 << 17:
@@ -46,8 +47,11 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     margin = 0.02
     low = sample[max(0, int((quantile - margin) * sample_size))]
     high = sample[min(sample_size - 1, int((quantile + margin) * sample_size))]
-    above = int((values > high).sum())
-    band = values[(values >= low) & (values <= high)]
+    above, band_parts = 0, []
+    for part in values.split(1 << 22):  # bounded temporaries: boolean masks of one part at a time
+        above += int((part > high).sum())
+        band_parts.append(part[(part >= low) & (part <= high)])
+    band = torch.cat(band_parts)
     rank = k - above  # the answer is the rank-th largest inside the band
     if 1 <= rank <= band.numel():
         return torch.kthvalue(band, band.numel() - rank + 1).values

@@ -112,42 +112,55 @@ def _keep_mask(task: MergeTask, position: int, delta: torch.Tensor, density: flo
 def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> list[MemberState]:
     """Per model: the k-th largest ``|delta|`` with ``k = max(1, floor(density n))`` (TIES), and with
     ``rescale`` the factor ``||delta||_1 / ||kept||_1`` (unchanged when either is below 1e-7), streamed over
-    the tensor's chunks so no whole float32 copy of an input is ever made (the magnitudes of one model are)."""
-    states = []
+    the tensor's chunks so no whole float32 copy of an input is ever made (the magnitudes of one model are).
+
+    Thresholds take one pass per model over its input and the base; the rescale factors of all models
+    take one more pass together, drawing each random mask once (finishing reuses it)."""
     members = [i for i in range(len(tensor.inputs)) if i != tensor.base_index]
-    for position, index in enumerate(members):
-        density = float(tensor.model_params[index].get("density", 1.0))
-        threshold = None
-        if options.sparsification is Sparsification.MAGNITUDE and density < 1:
-            count = tensor.numel
-            if density <= 0 or count == 0:
-                threshold = math.inf
-            else:
-                magnitudes = torch.empty(count, dtype=tensor.compute_dtype, device=tensor.device)
-                for start in tensor.starts():
-                    chunk = tensor.chunk(start)
-                    magnitudes[start:start + tensor.chunk_size] = (chunk.inputs[index] - chunk.base).abs_()
-                threshold = float(sparsify.kth_largest(magnitudes, max(1, int(density * count))))
-                del magnitudes
-        rescale = 1.0
-        if tensor.params["rescale"] and options.sparsification is not Sparsification.NONE and 0 < density < 1:
-            state = MemberState(threshold=threshold)
-            masks: dict[int, torch.Tensor] = {}
-            before = after = 0.0
-            for start in tensor.starts():
-                chunk = tensor.chunk(start)
-                delta = chunk.inputs[index] - chunk.base
-                mask = _keep_mask(chunk, position, delta, density, state, options.sparsification)
-                before += float(delta.abs().sum(dtype=torch.float64))
-                after += float((delta * mask).abs().sum(dtype=torch.float64)) if mask is not None else before
-                if options.sparsification is Sparsification.RANDOM and mask is not None:
-                    masks[start] = mask  # drawn once: finishing the chunk reuses it (one byte an entry)
-            if before >= 1e-7 and after >= 1e-7:
-                rescale = before / after
-            states.append(MemberState(threshold=threshold, rescale=rescale, masks=masks or None))
-            continue
-        states.append(MemberState(threshold=threshold, rescale=rescale))
+    densities = [float(tensor.model_params[index].get("density", 1.0)) for index in members]
+    thresholds = [_magnitude_threshold(tensor, index, density)
+                  if options.sparsification is Sparsification.MAGNITUDE else None
+                  for index, density in zip(members, densities)]
+    rescaled = [position for position, density in enumerate(densities)
+                if tensor.params["rescale"] and options.sparsification is not Sparsification.NONE and 0 < density < 1]
+    if not rescaled:
+        return [MemberState(threshold=threshold) for threshold in thresholds]
+    before, after = [0.0] * len(members), [0.0] * len(members)
+    masks: list[dict[int, torch.Tensor]] = [{} for _ in members]
+    for start in tensor.starts():
+        chunk = MergeTask(name=tensor.name, inputs=[], model_params=tensor.model_params, params=tensor.params,
+                          seed=tensor.seed, offset=start)
+        base = tensor.piece(tensor.base_index, start)
+        for position in rescaled:
+            delta = tensor.piece(members[position], start) - base
+            state = MemberState(threshold=thresholds[position])
+            mask = _keep_mask(chunk, position, delta, densities[position], state, options.sparsification)
+            total = float(delta.abs().sum(dtype=torch.float64))
+            before[position] += total
+            after[position] += float((delta * mask).abs().sum(dtype=torch.float64)) if mask is not None else total
+            if options.sparsification is Sparsification.RANDOM and mask is not None:
+                masks[position][start] = mask  # drawn once: finishing the chunk reuses it (one byte an entry)
+    states = []
+    for position, threshold in enumerate(thresholds):
+        rescale = before[position] / after[position] \
+            if position in rescaled and before[position] >= 1e-7 and after[position] >= 1e-7 else 1.0
+        states.append(MemberState(threshold=threshold, rescale=rescale, masks=masks[position] or None))
     return states
+
+
+def _magnitude_threshold(tensor: ChunkedTensor, index: int, density: float) -> float | None:
+    """TIES: the k-th largest ``|W_index - W_base|`` over the whole tensor, ``k = max(1, floor(density n))``;
+    None when every entry is kept."""
+    if density >= 1:
+        return None
+    count = tensor.numel
+    if density <= 0 or count == 0:
+        return math.inf
+    magnitudes = torch.empty(count, dtype=tensor.compute_dtype, device=tensor.device)
+    for start in tensor.starts():
+        piece = (tensor.piece(index, start) - tensor.piece(tensor.base_index, start)).abs_()  # pieces may be views
+        magnitudes[start:start + piece.numel()] = piece
+    return float(sparsify.kth_largest(magnitudes, max(1, int(density * count))))
 
 
 def finish_task_vectors(task: MergeTask, states: list[MemberState], options: TaskVectorOptions) -> torch.Tensor:
