@@ -32,6 +32,8 @@ import os
 import shutil
 import struct
 import tempfile
+import threading
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1000**3  # 5GB, the Hub's usual shard size
+PENDING_HASH_BYTES = 64 * 2**20  # written bytes waiting to be hashed, at most (one larger buffer waits alone)
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -480,6 +483,7 @@ class CheckpointWriter:
         self._received: dict[str, int] = {}  # elements received per tensor (parts)
         self._hashers: list["hashlib._Hash | None"] = []  # None once a shard's writes leave the file order
         self._hashed_to: list[int] = []
+        self._hashing = _BackgroundHashing(self._hashers)
         for number, group in enumerate(groups, start=1):
             filename = f"{file_stem}.safetensors" if count == 1 else f"{file_stem}-{number:05d}-of-{count:05d}.safetensors"
             shard = _Shard(self.folder / filename, list(group))
@@ -527,9 +531,8 @@ class CheckpointWriter:
             data = memoryview(values.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
             offset = shard.offsets[name] + start * itemsize
             _pwrite_all(self._fds[shard_number], data, offset)
-            hasher = self._hashers[shard_number]
-            if hasher is not None and offset == self._hashed_to[shard_number]:
-                hasher.update(data)
+            if self._hashers[shard_number] is not None and offset == self._hashed_to[shard_number]:
+                self._hashing.feed(shard_number, data)
                 self._hashed_to[shard_number] += len(data)
             else:
                 self._hashers[shard_number] = None
@@ -547,6 +550,7 @@ class CheckpointWriter:
     @property
     def digests(self) -> dict[str, str]:
         """``{file name: sha256}`` of the shards hashed while writing (complete only after every write)."""
+        self._hashing.finish()
         return {shard.path.name: hasher.hexdigest() for shard, hasher, done in
                 zip(self._shards, self._hashers, self._hashed_to) if hasher is not None and done == shard.size}
 
@@ -567,6 +571,7 @@ class CheckpointWriter:
         return self.files
 
     def _close_fds(self) -> None:
+        self._hashing.finish()
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
@@ -580,6 +585,56 @@ class CheckpointWriter:
             self.close()
         else:
             self._close_fds()
+
+
+class _BackgroundHashing:
+    """Feeds each shard's hasher, in file order, from a thread of its own: hashing the output overlaps
+    writing it (hashlib releases the GIL on large buffers). Fed buffers must not change afterwards; at most
+    ``PENDING_HASH_BYTES`` wait (a larger buffer waits alone)."""
+
+    def __init__(self, hashers: list["hashlib._Hash | None"]) -> None:
+        self.hashers = hashers
+        self._pending: deque[tuple[int, memoryview] | None] = deque()
+        self._pending_bytes = 0
+        self._changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def feed(self, shard: int, data: memoryview) -> None:
+        with self._changed:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="mtool-hash", daemon=True)
+                self._thread.start()
+            self._changed.wait_for(lambda: not self._pending or self._pending_bytes + len(data) <= PENDING_HASH_BYTES)
+            self._pending.append((shard, data))
+            self._pending_bytes += len(data)
+            self._changed.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._pending))
+                item = self._pending[0]
+            if item is None:
+                return
+            shard, data = item
+            hasher = self.hashers[shard]
+            if hasher is not None:
+                hasher.update(data)
+            with self._changed:
+                self._pending.popleft()
+                self._pending_bytes -= len(data)
+                self._changed.notify_all()
+
+    def finish(self) -> None:
+        """Wait until everything fed is hashed and stop the thread."""
+        if self._thread is None:
+            return
+        with self._changed:
+            self._pending.append(None)
+            self._changed.notify_all()
+        self._thread.join()
+        self._thread = None
+        self._pending.clear()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:

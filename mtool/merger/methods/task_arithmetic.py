@@ -64,15 +64,18 @@ def combine_task_vectors(base: torch.Tensor, weighted: list[torch.Tensor], weigh
                          consensus: bool, normalize: bool, scale: float) -> torch.Tensor:
     """Steps 3-5 of the module docstring on weighted deltas ``d_i = weight_i * delta_i`` (sparsified)."""
     if consensus:
-        positive = sum(weighted) >= 0  # the elected sign per entry (0 counts as positive)
+        # Arithmetic only: comparisons and torch.where make boolean tensors, 4-30x slower than these on a CPU.
+        # copysign(1, sum) is +1 for a sum of +0.0, which is what x + (-x) gives; -1 only for -0.0, a sum of
+        # zero deltas only, which agree with neither sign anyway.
+        elected = torch.ones_like(base).copysign_(sum(weighted))
         mixed = torch.zeros_like(base)
         divisor = torch.zeros_like(base)
         for delta, weight in zip(weighted, weights):
-            # sign(delta) == elected sign, with a zero delta agreeing with neither
-            agrees = torch.logical_and(delta != 0, (delta > 0) == positive).to(delta.dtype)
+            # 1 where sign(delta) == elected sign, 0 elsewhere (a zero delta agrees with neither)
+            agrees = (delta * elected).sign_().clamp_(min=0)
             mixed.addcmul_(delta, agrees)
             divisor.add_(agrees, alpha=weight)
-        divisor[divisor == 0] = 1
+        divisor.add_(1 - divisor.abs().sign_())  # a zero divisor counts as 1
     else:
         mixed = sum(weighted)
         total = sum(weights)
@@ -96,16 +99,21 @@ class MemberState:
 
 def _keep_mask(task: MergeTask, position: int, delta: torch.Tensor, density: float, state: MemberState,
                sparsification: Sparsification) -> torch.Tensor | None:
-    """Which entries of a (chunk of a) task vector survive; None when all do."""
+    """Which entries of a (chunk of a) task vector survive, as 1/0 (float32, or uint8 for the random masks
+    that are kept between passes); None when all do. Built with arithmetic rather than comparisons, whose
+    boolean results are several times slower to make and to multiply by on a CPU."""
     if sparsification is Sparsification.MAGNITUDE:
-        return None if state.threshold is None else delta.abs() >= state.threshold
+        if state.threshold is None:
+            return None
+        return (delta.abs() - state.threshold).sign_().add_(1).clamp_(max=1)  # 1 where |delta| >= threshold
     if sparsification is Sparsification.RANDOM and density < 1:
         if state.masks is not None and task.offset in state.masks:
             return state.masks[task.offset]
         if density <= 0:
-            return torch.zeros_like(delta, dtype=torch.bool)
+            return torch.zeros_like(delta, dtype=torch.uint8)
         draws = position_uniforms(task.seed or 0, position, task.offset, delta.numel())
-        return draws.reshape(delta.shape).to(delta.device) < density
+        kept = draws.neg_().add_(density).sign_().clamp_(min=0)  # 1 where draw < density
+        return kept.to(torch.uint8).reshape(delta.shape).to(delta.device)
     return None
 
 
@@ -135,9 +143,10 @@ def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> l
             delta = tensor.piece(members[position], start) - base
             state = MemberState(threshold=thresholds[position])
             mask = _keep_mask(chunk, position, delta, densities[position], state, options.sparsification)
-            total = float(delta.abs().sum(dtype=torch.float64))
+            magnitude = delta.abs_()  # chunk sums in float32 (pairwise), the running totals in float64
+            total = float(magnitude.sum())
             before[position] += total
-            after[position] += float((delta * mask).abs().sum(dtype=torch.float64)) if mask is not None else total
+            after[position] += float(magnitude.mul_(mask).sum()) if mask is not None else total
             if options.sparsification is Sparsification.RANDOM and mask is not None:
                 masks[position][start] = mask  # drawn once: finishing the chunk reuses it (one byte an entry)
     states = []
