@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/merge_bench.py [--methods linear,slerp,ties,dare_ties] [--repeats 3]
                                                [--mergekit-repeats 2] [--layers 22]
 
-mtool hashes every input file into the output's lineage record (mergekit does not); each run starts with an
-empty hash cache, so that cost is included. Builds once (cached in benchmarks/_work/) a bf16 base of TinyLlama-1.1B's shape (hidden 2048, intermediate
+mtool hashes every input file into the output's lineage record (mergekit does not). Each mtool repeat runs
+twice: with an empty hash cache (a first merge of these files: hashing included) and again with the cache the
+first run filled (any later merge of the same files, or Hub-cache inputs, whose file names are their hashes).
+Every timed run starts after ``sync``, so no run pays for the dirty pages of the one before. Builds once (cached in benchmarks/_work/) a bf16 base of TinyLlama-1.1B's shape (hidden 2048, intermediate
 5632, 22 layers, 32 heads, 4 KV heads, vocab 32000) and two "fine-tunes" (base + noise), each sharded in 1GB
 files. Each tool runs the same recipe in its own process (mergekit from .mkvenv or $MTOOL_MERGEKIT_PYTHON);
 wall time is the median of the repeats, peak memory the child's maximum resident set. The floor is reading the
@@ -98,6 +100,7 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, fl
     wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
                "code = subprocess.run(sys.argv[1:]).returncode; w = time.perf_counter() - t; "
                "print(w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)")
+    os.sync()  # start without the previous run's dirty pages being written back meanwhile
     result = subprocess.run([sys.executable, "-c", wrapper, *command], capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"{command[0]} failed:\n{result.stderr[-3000:]}")
@@ -107,6 +110,7 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, fl
 
 def floor_seconds(inputs: list[Path], output_bytes: int, out: Path) -> float:
     files = [str(f) for folder in inputs for f in sorted(folder.glob("*.safetensors"))]
+    os.sync()
     started = time.perf_counter()
     subprocess.run(["cat", *files], stdout=subprocess.DEVNULL, check=True)
     block = bytes(64 * 1024**2)
@@ -141,18 +145,21 @@ def main() -> None:
         subprocess.run(["cat", *[str(f) for d in inputs for f in d.glob("*.safetensors")]],
                        stdout=subprocess.DEVNULL, check=True)  # warm the page cache for everyone
         out = WORK / f"out-{method}"
-        times, peaks = [], []
+        times, warm_times, peaks = [], [], []
         for repeat in range(args.repeats):
-            shutil.rmtree(out, ignore_errors=True)
-            # a fresh hash cache: every run pays for hashing its inputs into the lineage record
-            cold = dict(env, MTOOL_CACHE_DIR=str(WORK / f"hash-cache-{method}-{repeat}"))
-            wall, peak = run_measured([*mtool, str(recipe), str(out), "--no-card"], cold)
-            shutil.rmtree(WORK / f"hash-cache-{method}-{repeat}", ignore_errors=True)
-            times.append(wall)
-            peaks.append(peak)
+            cache = WORK / f"hash-cache-{method}-{repeat}"
+            shutil.rmtree(cache, ignore_errors=True)
+            for timings in (times, warm_times):  # empty hash cache, then the cache that run filled
+                shutil.rmtree(out, ignore_errors=True)
+                wall, peak = run_measured([*mtool, str(recipe), str(out), "--no-card"],
+                                          dict(env, MTOOL_CACHE_DIR=str(cache)))
+                timings.append(wall)
+                peaks.append(peak)
+            shutil.rmtree(cache, ignore_errors=True)
         output_bytes = sum(f.stat().st_size for f in out.glob("*.safetensors"))
         floor = statistics.median(floor_seconds(inputs, output_bytes, WORK / "floor.bin") for _ in range(3))
-        row = {"method": method, "mtool_s": statistics.median(times), "mtool_gib": max(peaks), "floor_s": floor}
+        row = {"method": method, "mtool_s": statistics.median(times), "mtool_warm_s": statistics.median(warm_times),
+               "mtool_gib": max(peaks), "floor_s": floor}
         shutil.rmtree(out, ignore_errors=True)
         if mergekit is not None:
             mk_times, mk_peaks = [], []
@@ -170,16 +177,18 @@ def main() -> None:
 
     print(f"\nTinyLlama-1.1B shape ({args.layers} layers), bf16, 3 inputs of 1GB shards; median of "
           f"{args.repeats} (mtool) / {args.mergekit_repeats} (mergekit) runs; {os.cpu_count()} CPU cores\n")
-    print("| method | mergekit s | mtool s | speed-up | mergekit peak RSS | mtool peak RSS | RSS ratio | "
-          "I/O floor s | mtool / floor |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| method | mergekit s | mtool s (hashing inputs) | speed-up | mtool s (hashes cached) | speed-up | "
+          "mergekit peak RSS | mtool peak RSS | RSS ratio | I/O floor s | mtool / floor |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         mk_s, mk_g = row.get("mergekit_s"), row.get("mergekit_gib")
-        print(f"| {row['method']} | {mk_s:.1f} | {row['mtool_s']:.1f} | {mk_s / row['mtool_s']:.1f}x | "
-              f"{mk_g:.2f} GiB | {row['mtool_gib']:.2f} GiB | {row['mtool_gib'] / mk_g:.2f} | "
-              f"{row['floor_s']:.1f} | {row['mtool_s'] / row['floor_s']:.2f}x |" if mk_s else
-              f"| {row['method']} | - | {row['mtool_s']:.1f} | - | - | {row['mtool_gib']:.2f} GiB | - | "
-              f"{row['floor_s']:.1f} | {row['mtool_s'] / row['floor_s']:.2f}x |")
+        cold, warm, floor = row["mtool_s"], row["mtool_warm_s"], row["floor_s"]
+        ratio = f"{cold / floor:.2f}x / {warm / floor:.2f}x"
+        print(f"| {row['method']} | {mk_s:.1f} | {cold:.1f} | {mk_s / cold:.1f}x | {warm:.1f} | {mk_s / warm:.1f}x | "
+              f"{mk_g:.2f} GiB | {row['mtool_gib']:.2f} GiB | {row['mtool_gib'] / mk_g:.2f} | {floor:.1f} | {ratio} |"
+              if mk_s else
+              f"| {row['method']} | - | {cold:.1f} | - | {warm:.1f} | - | - | {row['mtool_gib']:.2f} GiB | - | "
+              f"{floor:.1f} | {ratio} |")
 
 
 if __name__ == "__main__":
