@@ -15,10 +15,10 @@ from mtool.memory import reuse_freed_buffers
 if sys.argv[1] == "reuse":
     assert reuse_freed_buffers()
 source = torch.ones(1 << 20, dtype=torch.bfloat16)
-for _ in range(5):
+for _ in range(20):
     source.to(torch.float32)  # warm-up: the heap grows once
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(100):
+for _ in range(300):
     source.to(torch.float32)  # a fresh 4 MiB buffer, freed at once
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
@@ -34,5 +34,5 @@ def _faults(mode: str) -> int:
 def test_reusing_freed_buffers_avoids_a_page_fault_per_page() -> None:
     default, reused = _faults("default"), _faults("reuse")
     # torch's huge-page-aligned allocations are mapped afresh each time by default: ~1024 faults per buffer
-    assert default > 100 * 1024 * 0.5
-    assert reused < 100 * 1024 * 0.05
+    assert default > 300 * 1024 * 0.4
+    assert reused < default / 5  # the heap serves them again (a few fresh pages when it grows or moves)
