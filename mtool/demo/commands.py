@@ -11,7 +11,7 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of pre-training, training and merges.")
 @click.option("--force", is_flag=True, help="Replace OUT if it is an earlier demo's folder.")
 def demo(out: str, quick: bool, seed: int, force: bool) -> None:
-    """Run the whole pipeline on CPU in a couple of minutes and print the accuracy table.
+    """Run the whole pipeline on tiny models on CPU (about 20 s) and print the accuracy table.
 
     \b
     1. pre-train a tiny base model (Llama-shaped, ~0.5M parameters) on general facts;
