@@ -590,21 +590,30 @@ class CheckpointWriter:
 class _BackgroundHashing:
     """Feeds each shard's hasher, in file order, from a thread of its own: hashing the output overlaps
     writing it (hashlib releases the GIL on large buffers). Fed buffers must not change afterwards; at most
-    ``PENDING_HASH_BYTES`` wait (a larger buffer waits alone)."""
+    ``PENDING_HASH_BYTES`` wait (a larger buffer waits alone, so one large tensor may outlive its write).
+
+    A shard whose hashing failed, or that is fed after :meth:`finish`, loses its hasher (set to None): it gets
+    no digest from the writer and is hashed from disk instead. Nothing here blocks after :meth:`finish`.
+    """
 
     def __init__(self, hashers: list["hashlib._Hash | None"]) -> None:
         self.hashers = hashers
-        self._pending: deque[tuple[int, memoryview] | None] = deque()
+        self._pending: deque[tuple[int, memoryview]] = deque()
         self._pending_bytes = 0
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._stopping = False
 
     def feed(self, shard: int, data: memoryview) -> None:
         with self._changed:
-            if self._thread is None:
+            if self._thread is None and not self._stopping:
                 self._thread = threading.Thread(target=self._run, name="mtool-hash", daemon=True)
                 self._thread.start()
-            self._changed.wait_for(lambda: not self._pending or self._pending_bytes + len(data) <= PENDING_HASH_BYTES)
+            self._changed.wait_for(lambda: self._stopping or not self._pending
+                                   or self._pending_bytes + len(data) <= PENDING_HASH_BYTES)
+            if self._stopping:
+                self.hashers[shard] = None
+                return
             self._pending.append((shard, data))
             self._pending_bytes += len(data)
             self._changed.notify_all()
@@ -612,29 +621,30 @@ class _BackgroundHashing:
     def _run(self) -> None:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: bool(self._pending))
-                item = self._pending[0]
-            if item is None:
-                return
-            shard, data = item
+                self._changed.wait_for(lambda: bool(self._pending) or self._stopping)
+                if not self._pending:
+                    return
+                shard, data = self._pending[0]
             hasher = self.hashers[shard]
             if hasher is not None:
-                hasher.update(data)
+                try:
+                    hasher.update(data)
+                except BaseException:  # noqa: BLE001 - that shard is hashed from disk instead
+                    self.hashers[shard] = None
             with self._changed:
                 self._pending.popleft()
                 self._pending_bytes -= len(data)
                 self._changed.notify_all()
 
     def finish(self) -> None:
-        """Wait until everything fed is hashed and stop the thread."""
-        if self._thread is None:
-            return
+        """Wait until everything fed is hashed and stop the thread (a later feed only drops its shard's hash)."""
         with self._changed:
-            self._pending.append(None)
+            self._stopping = True
             self._changed.notify_all()
-        self._thread.join()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
         self._thread = None
-        self._pending.clear()
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -683,6 +693,11 @@ def check_output_target(target: str | os.PathLike, *, force: bool, inputs: Seque
 
 
 def _current_umask() -> int:
+    """The process umask, read without changing it where Linux shows it (another thread may be creating files)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -699,8 +714,8 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False,
     target = check_output_target(target, force=force, inputs=inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700); an output gets the usual mode
     try:
+        os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700); an output gets the usual mode
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

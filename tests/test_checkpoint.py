@@ -271,3 +271,57 @@ def test_output_folder_gets_the_mode_of_an_ordinary_mkdir(tmp_path: Path) -> Non
     with atomic_output_dir(tmp_path / "out") as staging:
         (staging / "file.txt").write_text("x")
     assert (tmp_path / "out").stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+
+
+class _BlockingHasher:
+    """A hasher that waits for ``release`` inside update (or raises, with ``fail``)."""
+
+    def __init__(self, fail: bool = False) -> None:
+        import threading
+
+        self.release, self.fail, self.updates = threading.Event(), fail, 0
+
+    def update(self, data) -> None:
+        self.release.wait(10)
+        self.updates += 1
+        if self.fail:
+            raise MemoryError("stand-in for a failing hash")
+
+
+def test_background_hashing_never_blocks_after_finish(monkeypatch) -> None:
+    import threading
+
+    import mtool.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "PENDING_HASH_BYTES", 8)
+    hasher = _BlockingHasher()
+    hashing = checkpoint._BackgroundHashing([hasher])
+    hashing.feed(0, memoryview(b"abcdef"))  # taken by the hash thread, which blocks in update
+    waiting = threading.Thread(target=hashing.feed, args=(0, memoryview(b"ghijkl")))  # over the budget: waits
+    waiting.start()
+    finishing = threading.Thread(target=hashing.finish)
+    finishing.start()
+    hasher.release.set()
+    waiting.join(10)
+    finishing.join(10)
+    assert not waiting.is_alive() and not finishing.is_alive()
+    assert hashing.hashers[0] is None  # the shard missed bytes: no digest from the writer, hashed from disk
+    hashing.feed(0, memoryview(b"late"))  # after finish: dropped at once
+    assert hasher.updates == 1
+
+
+def test_a_failing_hash_drops_that_shard_digest_and_the_file_is_hashed_from_disk(tmp_path: Path, monkeypatch) -> None:
+    import mtool.checkpoint as checkpoint
+
+    failing = _BlockingHasher(fail=True)
+    failing.release.set()
+    hashing = checkpoint._BackgroundHashing([failing])
+    for _ in range(3):
+        hashing.feed(0, memoryview(b"x" * 10))
+    hashing.finish()
+    assert hashing.hashers[0] is None and failing.updates == 1
+    specs = [TensorSpec("t", (4,), torch.float32)]
+    with CheckpointWriter(tmp_path, specs, in_order=True) as writer:
+        writer._hashers[0] = failing
+        writer.write("t", torch.arange(4, dtype=torch.float32))
+    assert writer.digests == {}  # the caller then hashes model.safetensors from disk

@@ -51,6 +51,7 @@ def test_prints_the_accuracy_table_and_each_fine_tune_beats_the_base_on_its_skil
         assert accuracy[f"{skill} fine-tune"][skill] >= 0.75
     assert accuracy["base"]["general"] >= 0.9  # what it was pre-trained on
     assert (folder / "results.md").read_text().count("|") > 8 * 5
+    assert json.loads((folder / "mtool-demo.json").read_text())["complete"] is True
     assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -126,4 +127,23 @@ def test_refuses_to_overwrite(demo, run_cli, tmp_path: Path) -> None:
     (other / "keep.txt").write_text("mine")
     result = run_cli("demo", other, "--quick", "--force", expect=3)
     assert "not a folder written by `mtool demo`" in result.output
+    assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_force_replaces_an_earlier_demo_even_a_failed_one_and_nothing_else(tmp_path: Path) -> None:
+    from mtool.demo.pipeline import MARKER, prepare_folder
+    from mtool.errors import OutputExistsError
+
+    folder = prepare_folder(tmp_path / "demo", force=False)  # marked at once, before any step runs
+    assert json.loads((folder / MARKER).read_text())["complete"] is False
+    (folder / "half-written").mkdir()  # what a run that failed half-way leaves
+    with pytest.raises(OutputExistsError, match="--force"):
+        prepare_folder(folder, force=False)
+    assert prepare_folder(folder, force=True) == folder
+    assert sorted(p.name for p in folder.iterdir()) == [MARKER]
+    other = tmp_path / "mine"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="not a folder written by `mtool demo`"):
+        prepare_folder(other, force=True)
     assert (other / "keep.txt").read_text() == "mine"

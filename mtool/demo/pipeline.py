@@ -63,7 +63,12 @@ class DemoResult:
 
 
 def prepare_folder(out: Path, *, force: bool) -> Path:
-    """Refuse an existing ``out`` unless ``force`` and it is an earlier demo's folder (never another folder)."""
+    """Create ``out``, marked as a demo folder at once (so a run that fails half-way can be replaced).
+
+    An existing ``out`` is refused unless ``force`` and it is an earlier demo's folder, finished or not; it is
+    then removed first (the models inside record their own paths, so the new run cannot be built elsewhere and
+    swapped in). Any other folder is never touched.
+    """
     out = out.resolve()
     if out.exists():
         if not force:
@@ -73,7 +78,13 @@ def prepare_folder(out: Path, *, force: bool) -> Path:
                                     fix="choose another folder (--force only replaces an earlier demo's folder)")
         shutil.rmtree(out)
     out.mkdir(parents=True)
+    _write_marker(out, complete=False)
     return out
+
+
+def _write_marker(out: Path, *, complete: bool, settings: DemoSettings | None = None) -> None:
+    data = {"complete": complete, **({"settings": asdict(settings)} if settings is not None else {})}
+    (out / MARKER).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def run_command(args: list[str]) -> None:
@@ -196,7 +207,7 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(), *,
     task_names = [task.name for task in tasks]
     write_results(out, rows, task_names, {"settings": asdict(settings), "seconds": steps.seconds, "names": names})
     write_chart(out / "accuracy.png", rows, task_names)
-    (out / MARKER).write_text(json.dumps({"settings": asdict(settings)}, indent=2) + "\n", encoding="utf-8")
+    _write_marker(out, complete=True, settings=settings)
     return DemoResult(out, rows, task_names, names, steps.seconds)
 
 

@@ -255,10 +255,11 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -
     with atomic_output_dir(output, force=options.force, inputs=inputs) as staging:
         hasher = _ParentHasher(plan)
         metadata = {"mtool_merge_method": plan.method.name}
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtool-read") as readers, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtool-write") as writer_thread, \
-                CheckpointWriter(staging, specs, max_shard_bytes=options.max_shard_bytes,
-                                 metadata=metadata, in_order=True) as writer:
+        # the writer closes last: the pools first finish (or fail) every read and write they were given
+        with CheckpointWriter(staging, specs, max_shard_bytes=options.max_shard_bytes,
+                              metadata=metadata, in_order=True) as writer, \
+                ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtool-read") as readers, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtool-write") as writer_thread:
             pending_reads: deque[tuple[TensorPlan, Future]] = deque()
             pending_writes: deque[Future] = deque()
             upcoming = iter(plan.tensors)

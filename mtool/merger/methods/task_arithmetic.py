@@ -99,8 +99,8 @@ class MemberState:
 
 def _keep_mask(task: MergeTask, position: int, delta: torch.Tensor, density: float, state: MemberState,
                sparsification: Sparsification) -> torch.Tensor | None:
-    """Which entries of a (chunk of a) task vector survive, as 1/0 (float32, or uint8 for the random masks
-    that are kept between passes); None when all do. Built with arithmetic rather than comparisons, whose
+    """Which entries of a (chunk of a) task vector survive, as 1/0 (in the compute dtype, or uint8 for the
+    random masks that are kept between passes); None when all do. Built with arithmetic rather than comparisons, whose
     boolean results are several times slower to make and to multiply by on a CPU."""
     if sparsification is Sparsification.MAGNITUDE:
         if state.threshold is None:
