@@ -122,9 +122,8 @@ def build_model(spec: TinySpec = TinySpec(), *, seed: int = 0, tokenizer=None):
 
     tokenizer = tokenizer or build_tokenizer(spec.vocab_size)
     config = _config(spec, tokenizer)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         with torch.no_grad():  # larger than HF's default init, so merges and adapters change logits visibly
             for name, parameter in model.named_parameters():
@@ -133,8 +132,6 @@ def build_model(spec: TinySpec = TinySpec(), *, seed: int = 0, tokenizer=None):
                 elif "norm" in name:
                     parameter.copy_(1.0 + 0.05 * torch.randn_like(parameter)) if spec.architecture != "gemma" \
                         else parameter.normal_(0.0, 0.05)
-    finally:
-        torch.random.set_rng_state(generator_state)
     return model.eval()
 
 

@@ -47,16 +47,13 @@ def make_demo_base(folder: str | os.PathLike, corpus: list[str], pretraining: Ta
     input_ids, attention_mask = _encode(tokenizer, pretraining)
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(settings.seed)
-    try:
+    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+        torch.manual_seed(settings.seed)
         for _ in range(settings.steps):
             loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    finally:
-        torch.random.set_rng_state(generator_state)
     final_loss = float(loss.detach())
     folder = save_model(model.eval(), tokenizer, folder, license=BASE_LICENSE)
     record = Lineage(operation="base", method="pretrain", seed=settings.seed,

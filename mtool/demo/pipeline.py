@@ -28,6 +28,7 @@ from mtool.demo.base import BaseSettings, make_demo_base
 from mtool.demo.report import Row
 from mtool.demo.tasks import Task, all_tasks, general_task, skill_tasks, tokenizer_corpus
 from mtool.errors import OutputExistsError
+from mtool.naming.facts import label_from_words
 
 MARKER = "mtool-demo.json"  # marks a folder as a demo output, so --force may replace it
 
@@ -101,9 +102,9 @@ def run_command(args: list[str]) -> None:
         ui.VERBOSITY.verbose, ui.VERBOSITY.quiet = saved
 
 
-def name_output(folder: Path, label: str) -> Path:
-    """Rename ``folder`` to its standardized name (from its lineage record, with Label ``label``) and write its
-    card under that name."""
+def name_output(folder: Path, label: str | None) -> Path:
+    """Rename ``folder`` to its standardized name (from its lineage record, with Label ``label``, else the one
+    the record suggests) and write its card under that name."""
     from mtool.naming.card import write_card
     from mtool.naming.suggest import suggest_name
 
@@ -163,20 +164,21 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(), *,
     adapters: dict[str, Path] = {}
     fine_tunes: dict[str, Path] = {}
     for task in skills:
-        config = _write_train_config(recipes / f"train-{task.name}.yaml", base, out / f"{task.name}-adapter",
+        label, output = label_from_words([task.name]), out / f"{task.name}-adapter"
+        config = _write_train_config(recipes / f"train-{task.name}.yaml", base, output,
                                      [files[task.name], files[general.name]], out / "checkpoints" / task.name,
                                      settings)
-        command, output = ["train", str(config)], out / f"{task.name}-adapter"
+        command = ["train", str(config)]
         adapters[task.name] = steps.run(
             f"train a QLoRA adapter on {task.name} ({len(task.pairs)} facts + the general facts replayed)",
-            lambda command=command, output=output, task=task: _write(command, output, _label(task.name)), command)
+            lambda command=command, output=output, label=label: _write(command, output, label), command)
         output = out / f"{task.name}-merged"
         command = ["adapters", "merge", str(base), str(adapters[task.name]), str(output), "--dtype", "float32"]
         fine_tunes[task.name] = steps.run(
             f"merge the {task.name} adapter into the base",
-            lambda command=command, output=output, task=task: _write(command, output, _label(task.name)), command)
+            lambda command=command, output=output, label=label: _write(command, output, label), command)
 
-    both = "".join(_label(task.name) for task in skills)
+    both = label_from_words([task.name for task in skills])
     merges: dict[str, Path] = {}
     for method in merge_methods:
         recipe = _write_merge_recipe(recipes / f"merge-{method}.yaml", method, base, fine_tunes, settings)
@@ -211,15 +213,10 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(), *,
     return DemoResult(out, rows, task_names, names, steps.seconds)
 
 
-def _write(command: list[str], output: Path, label: str) -> Path:
+def _write(command: list[str], output: Path, label: str | None) -> Path:
     """Run a command that writes ``output``; return the folder under its standardized name."""
     run_command(command)
     return name_output(output, label)
-
-
-def _label(task_name: str) -> str:
-    """A task's name as a naming-schema Label (CamelCase)."""
-    return "".join(word.capitalize() for word in task_name.replace("-", "_").split("_"))
 
 
 def _write_train_config(path: Path, base: Path, out: Path, data: list[Path], checkpoints: Path,

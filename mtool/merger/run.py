@@ -11,7 +11,6 @@ of the output do not depend on the order tensors are computed in, nor on the dev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -38,7 +37,7 @@ from mtool.checkpoint import (
 from mtool.errors import ComputeError
 from mtool.lineage import Lineage, Parent, describe_parent, hash_files, write_lineage
 from mtool.memory import reuse_freed_buffers
-from mtool.merger.methods.base import ChunkedTensor, ElementSource, InMemory, MergeTask
+from mtool.merger.methods.base import ChunkedTensor, ElementSource, InMemory, MergeTask, hashed_seed
 from mtool.merger.plan import MergePlan, TensorPlan
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ def _input_bytes(tensor: TensorPlan) -> int:
 
 def tensor_seed(seed: int, name: str) -> int:
     """A 63-bit seed for one tensor: the first 8 bytes of sha256("<seed>:<name>")."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+    return hashed_seed(seed, name) >> 1
 
 
 @dataclass

@@ -97,21 +97,22 @@ class MemberState:
     masks: dict[int, torch.Tensor] | None = None  # random keep masks drawn while preparing, by chunk offset
 
 
-def _keep_mask(task: MergeTask, position: int, delta: torch.Tensor, density: float, state: MemberState,
-               sparsification: Sparsification) -> torch.Tensor | None:
+def _keep_mask(delta: torch.Tensor, density: float, state: MemberState, sparsification: Sparsification, *,
+               seed: int | None, position: int, offset: int) -> torch.Tensor | None:
     """Which entries of a (chunk of a) task vector survive, as 1/0 (in the compute dtype, or uint8 for the
     random masks that are kept between passes); None when all do. Built with arithmetic rather than comparisons, whose
-    boolean results are several times slower to make and to multiply by on a CPU."""
+    boolean results are several times slower to make and to multiply by on a CPU. Random draws depend on the
+    tensor's ``seed``, the model's ``position`` among the task vectors and the chunk's ``offset`` only."""
     if sparsification is Sparsification.MAGNITUDE:
         if state.threshold is None:
             return None
         return (delta.abs() - state.threshold).sign_().add_(1).clamp_(max=1)  # 1 where |delta| >= threshold
     if sparsification is Sparsification.RANDOM and density < 1:
-        if state.masks is not None and task.offset in state.masks:
-            return state.masks[task.offset]
+        if state.masks is not None and offset in state.masks:
+            return state.masks[offset]
         if density <= 0:
             return torch.zeros_like(delta, dtype=torch.uint8)
-        draws = position_uniforms(task.seed or 0, position, task.offset, delta.numel())
+        draws = position_uniforms(seed or 0, position, offset, delta.numel())
         kept = draws.neg_().add_(density).sign_().clamp_(min=0)  # 1 where draw < density
         return kept.to(torch.uint8).reshape(delta.shape).to(delta.device)
     return None
@@ -135,14 +136,13 @@ def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> l
         return [MemberState(threshold=threshold) for threshold in thresholds]
     before, after = [0.0] * len(members), [0.0] * len(members)
     masks: list[dict[int, torch.Tensor]] = [{} for _ in members]
+    drawing = [MemberState(threshold=threshold) for threshold in thresholds]
     for start in tensor.starts():
-        chunk = MergeTask(name=tensor.name, inputs=[], model_params=tensor.model_params, params=tensor.params,
-                          seed=tensor.seed, offset=start)
         base = tensor.piece(tensor.base_index, start)
         for position in rescaled:
             delta = tensor.piece(members[position], start) - base
-            state = MemberState(threshold=thresholds[position])
-            mask = _keep_mask(chunk, position, delta, densities[position], state, options.sparsification)
+            mask = _keep_mask(delta, densities[position], drawing[position], options.sparsification,
+                              seed=tensor.seed, position=position, offset=start)
             magnitude = delta.abs_()  # chunk sums in float32 (pairwise), the running totals in float64
             total = float(magnitude.sum())
             before[position] += total
@@ -178,7 +178,8 @@ def finish_task_vectors(task: MergeTask, states: list[MemberState], options: Tas
     weighted, weights = [], []
     for position, ((tensor, params), state) in enumerate(zip(task.non_base(), states)):
         delta = tensor - base
-        mask = _keep_mask(task, position, delta, float(params.get("density", 1.0)), state, options.sparsification)
+        mask = _keep_mask(delta, float(params.get("density", 1.0)), state, options.sparsification,
+                          seed=task.seed, position=position, offset=task.offset)
         if mask is not None:
             delta.mul_(mask)
         weight = float(params["weight"])
