@@ -34,6 +34,7 @@ import struct
 import tempfile
 import threading
 from collections import deque
+from concurrent.futures import Future
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -309,7 +310,7 @@ class Checkpoint:
         return (self.folder / "adapter_config.json").is_file()
 
 
-def _weight_files_of_folder(folder: Path) -> tuple[list[Path], Path | None]:
+def weight_files_of_folder(folder: Path) -> tuple[list[Path], Path | None]:
     """The safetensors files of a folder, following an index when one exists."""
     for stem in ("model", "adapter_model"):
         index = folder / f"{stem}{SAFETENSORS_INDEX_SUFFIX}"
@@ -357,7 +358,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
             _refuse_pickle(path, [path])
         files = [path]
     else:
-        files, index_file = _weight_files_of_folder(path)
+        files, index_file = weight_files_of_folder(path)
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for file in files:
@@ -757,7 +758,8 @@ def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 16 * 1024 * 1024)
 
     A file in the Hugging Face cache whose blob is named by its sha256 (every LFS file) is not re-read.
     Digests of large files are remembered by (path, size, mtime) in ``$MTOOL_CACHE_DIR`` (default
-    ``~/.cache/mtool``) so a model is hashed once, not on every merge.
+    ``~/.cache/mtool``) so a model is hashed once, not on every merge. A file that another thread of this
+    process is hashing already (see :func:`hash_in_background`) is waited for, not read a second time.
     """
     path = Path(path)
     real = path.resolve()
@@ -765,18 +767,65 @@ def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 16 * 1024 * 1024)
         return real.name
     stat = real.stat()
     key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
-    cache = _HashCache.load() if stat.st_size >= _HashCache.MIN_BYTES else None
-    if cache is not None and key in cache.entries:
-        return cache.entries[key]
+    remembered = stat.st_size >= _HashCache.MIN_BYTES
+    with _HASHING_LOCK:
+        running = _HASHING.get(key)
+        if running is None:
+            running = _HASHING[key] = Future()
+            owner = True
+        else:
+            owner = False
+    if not owner:
+        return running.result()
+    try:
+        result = _cached_or_computed_sha256(real, key, remembered, chunk_bytes)
+    except BaseException as error:
+        running.set_exception(error)
+        raise
+    finally:
+        with _HASHING_LOCK:
+            del _HASHING[key]
+    running.set_result(result)
+    return result
+
+
+def hash_in_background(files: Sequence[str | os.PathLike]) -> threading.Thread:
+    """Start hashing ``files`` in a daemon thread, so that a later :func:`file_sha256` of each finds its digest
+    computed or in progress (e.g. while the rest of the program starts up). Errors are left for that later call
+    to raise."""
+
+    def run() -> None:
+        for file in files:
+            with contextlib.suppress(Exception):  # the later call raises it where it can be reported
+                file_sha256(file)
+
+    thread = threading.Thread(target=run, name="mtool-prehash", daemon=True)
+    thread.start()
+    return thread
+
+
+_HASHING: dict[str, "Future[str]"] = {}  # digests being computed now, by (path, size, mtime) key
+_HASHING_LOCK = threading.Lock()
+_CACHE_LOCK = threading.Lock()  # one read-modify-write of the digest cache file at a time
+
+
+def _cached_or_computed_sha256(real: Path, key: str, remembered: bool, chunk_bytes: int) -> str:
+    if remembered:
+        with _CACHE_LOCK:
+            cached = _HashCache.load().entries.get(key)
+        if cached is not None:
+            return cached
     digest = hashlib.sha256()
     buffer = memoryview(bytearray(chunk_bytes))  # one buffer for the whole file: no fresh pages per chunk
     with open(real, "rb", buffering=0) as handle:
         while count := handle.readinto(buffer):
             digest.update(buffer[:count])
     result = digest.hexdigest()
-    if cache is not None:
-        cache.entries[key] = result
-        cache.save()
+    if remembered:
+        with _CACHE_LOCK:
+            cache = _HashCache.load()
+            cache.entries[key] = result
+            cache.save()
     return result
 
 

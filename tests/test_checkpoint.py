@@ -325,3 +325,75 @@ def test_a_failing_hash_drops_that_shard_digest_and_the_file_is_hashed_from_disk
         writer._hashers[0] = failing
         writer.write("t", torch.arange(4, dtype=torch.float32))
     assert writer.digests == {}  # the caller then hashes model.safetensors from disk
+
+
+def test_large_file_digests_are_remembered_by_path_size_and_mtime(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    import mtool.checkpoint as checkpoint
+
+    monkeypatch.setenv("MTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoint._HashCache, "MIN_BYTES", 10)
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"0123456789" * 100)
+    true_digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert file_sha256(path) == true_digest
+    cache_file = tmp_path / "cache" / "sha256.json"
+    entries = json.loads(cache_file.read_text())
+    assert list(entries.values()) == [true_digest]
+    cache_file.write_text(json.dumps({key: "remembered" for key in entries}))
+    assert file_sha256(path) == "remembered"  # read from the cache, not from the file
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert file_sha256(path) == true_digest  # a touched file is hashed again
+
+
+def test_a_file_hashed_by_two_threads_at_once_is_read_once(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
+    import mtool.checkpoint as checkpoint
+
+    monkeypatch.setenv("MTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(bytes(range(256)) * 4096)
+    computing, release = threading.Event(), threading.Event()
+    computed = []
+    real_compute = checkpoint._cached_or_computed_sha256
+
+    def gated_compute(*args):
+        computed.append(args[0])
+        computing.set()
+        release.wait(10)
+        return real_compute(*args)
+
+    waiting = threading.Event()
+
+    class SignallingFuture(checkpoint.Future):
+        def result(self, timeout=None):
+            waiting.set()
+            return super().result(timeout)
+
+    monkeypatch.setattr(checkpoint, "_cached_or_computed_sha256", gated_compute)
+    monkeypatch.setattr(checkpoint, "Future", SignallingFuture)
+    background = checkpoint.hash_in_background([path])
+    assert computing.wait(10)
+    results = []
+    second = threading.Thread(target=lambda: results.append(file_sha256(path)))
+    second.start()
+    assert waiting.wait(10)  # the second caller found the first one's work in progress
+    release.set()
+    second.join(10)
+    background.join(10)
+    assert results == [hashlib.sha256(path.read_bytes()).hexdigest()]
+    assert len(computed) == 1
+    assert checkpoint._HASHING == {}
+
+
+def test_background_hashing_leaves_errors_to_the_later_call(tmp_path: Path, capfd) -> None:
+    import mtool.checkpoint as checkpoint
+
+    missing = tmp_path / "gone.safetensors"
+    checkpoint.hash_in_background([missing]).join(10)
+    assert "Traceback" not in capfd.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        file_sha256(missing)

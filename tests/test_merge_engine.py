@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -119,7 +120,28 @@ def test_sharded_inputs_and_outputs(tiny, tmp_path, run_cli) -> None:
     index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").config.model_type == "qwen2"
-    assert len(read_lineage(tmp_path / "out").outputs) == len(set(index["weight_map"].values()))
+    record = read_lineage(tmp_path / "out")
+    assert len(record.outputs) == len(set(index["weight_map"].values()))
+    for parent, folder in zip(record.parents, (base, other)):
+        assert parent.files == {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+                                for f in sorted(folder.glob("*.safetensors"))}
+
+
+def test_input_hashing_starts_before_planning_and_skips_what_it_cannot_find(trio, tmp_path, monkeypatch) -> None:
+    import mtool.checkpoint as checkpoint
+    from mtool.merger.commands import _start_hashing_inputs
+
+    monkeypatch.setenv("MTOOL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(checkpoint._HashCache, "MIN_BYTES", 1)  # remember every digest, so we can see them
+    base, ft1, _ = trio
+    recipe = parse_recipe(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n"
+                          f"    parameters: {{weight: 1.0}}\n  - model: {tmp_path / 'missing'}\n"
+                          f"    parameters: {{weight: 1.0}}\n")
+    _start_hashing_inputs(recipe).join(30)
+    remembered = json.loads((tmp_path / "cache" / "sha256.json").read_text())
+    expected = {hashlib.sha256(f.read_bytes()).hexdigest() for folder in (base, ft1)
+                for f in folder.glob("*.safetensors")}
+    assert set(remembered.values()) == expected
 
 
 def test_union_vocabulary_aligns_embedding_rows(tiny, tmp_path, run_cli) -> None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from mtool.ui import info
+
+if TYPE_CHECKING:
+    import threading
+
+    from mtool.merger.recipe import Recipe
 
 
 def parse_size(text: str) -> int:
@@ -44,18 +51,22 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
     byte is written; the output appears atomically with its config, tokenizer, lineage record and card.
     """
     from mtool.errors import InputError
-    from mtool.merger.plan import build_plan
     from mtool.merger.recipe import load_recipe
-    from mtool.merger.run import MergeOptions, describe_plan, execute
 
     if out is None and not dry_run:
         raise click.UsageError("give OUT (the output folder), or --dry-run")
+    parsed = load_recipe(recipe)
+    if not dry_run:
+        _start_hashing_inputs(parsed)  # the lineage record needs them: hash while torch loads and the plan is made
+    from mtool.merger.plan import build_plan
+    from mtool.merger.run import MergeOptions, describe_plan, execute
+
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise InputError("--device cuda was asked for but no CUDA GPU is available", fix="use --device cpu")
-    plan = build_plan(load_recipe(recipe))
+    plan = build_plan(parsed)
     if dry_run:
         click.echo(describe_plan(plan))
         return
@@ -63,3 +74,22 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
                            write_card=not no_card)
     execute(plan, out, options)
     info(f"done: {out}")
+
+
+def _start_hashing_inputs(recipe: "Recipe") -> "threading.Thread | None":
+    """Start hashing the weight files of the recipe's local model folders in the background. Anything that
+    cannot be found is skipped here: planning reports it."""
+    from pathlib import Path
+
+    from mtool.checkpoint import hash_in_background, weight_files_of_folder
+    from mtool.errors import MtoolError
+
+    files = []
+    for reference in recipe.referenced_models():
+        folder = Path(reference.model)
+        if folder.is_dir():
+            try:
+                files += weight_files_of_folder(folder)[0]
+            except MtoolError:
+                continue
+    return hash_in_background(files) if files else None
