@@ -39,3 +39,17 @@ def test_errors_are_one_line_without_traceback(run_cli, tmp_path: Path) -> None:
     assert "Traceback" not in result.output
     verbose = run_cli("-v", "info", tmp_path, expect=2)
     assert "Traceback" in verbose.output and "error: refusing" in verbose.output
+
+
+def test_the_executable_keeps_exit_codes_and_output(tmp_path: Path) -> None:
+    """``mtool`` (``mtool.cli:run``, also ``python -m mtool.cli``) exits as the command does."""
+    import tomllib
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["mtool"] == "mtool.cli:run"
+    ok = subprocess.run([sys.executable, "-m", "mtool.cli", "--version"], capture_output=True, text=True)
+    assert ok.returncode == 0 and __version__ in ok.stdout
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    refused = subprocess.run([sys.executable, "-m", "mtool.cli", "info", str(tmp_path)], capture_output=True, text=True)
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: refusing to load pickle weights") and "Traceback" not in refused.stderr
