@@ -196,7 +196,8 @@ def _broken_copy(source: Path, destination: Path, change) -> Path:
 
 
 @pytest.mark.parametrize("case", ["missing_model", "missing_tensor", "shape", "unknown_method", "unknown_parameter",
-                                  "density", "yaml", "layer_range", "nan", "no_base"])
+                                  "density", "yaml", "layer_range", "nan", "zero_weights",
+                                  "no_base"])
 def test_bad_input_is_one_clear_error_and_no_output(trio, tmp_path, run_cli, case) -> None:
     base, ft1, ft2 = trio
     models = f"models:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
@@ -214,6 +215,8 @@ def test_bad_input_is_one_clear_error_and_no_output(trio, tmp_path, run_cli, cas
         "layer_range": (f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {base}\n"
                         f"        layer_range: [0, 9]\n", "goes past the 2 layers"),
         "nan": (None, "NaN or Inf"),
+        "zero_weights": (f"merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1}}\n"
+                         f"  - model: {ft2}\n    parameters: {{weight: -1}}\n", "weights that sum to 0"),
         "no_base": (f"merge_method: ties\n{models}", "needs a base_model"),
     }
     text, message = recipes[case]

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope
 
 
 def linear(tensors: list[torch.Tensor], weights: list[float], *, normalize: bool = True) -> torch.Tensor:
-    """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize``."""
+    """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize`` (folded into the weights: one pass less).
+    Weights that sum to 0 give non-finite values, which the caller reports."""
+    if normalize:
+        total = sum(weights)
+        weights = [weight / total if total else math.inf for weight in weights]
     result = tensors[0] * weights[0]
     for tensor, weight in zip(tensors[1:], weights[1:]):
         result.add_(tensor, alpha=weight)
-    if normalize:
-        result.div_(sum(weights))
     return result
 
 
