@@ -268,3 +268,25 @@ def test_input_counts_and_base_are_checked() -> None:
         get_method("ties").check_inputs(2, False, where="models")
     with pytest.raises(ConfigError, match="at least 3"):
         get_method("model_stock").check_inputs(2, True, where="models")
+
+
+@pytest.mark.parametrize("offset, count, density", [(0, 5, 0.5), (3, 70_000, 0.3), (65_535, 2, 0.9),
+                                                    (131_071, 65_539, 0.123456789), (10, 40, 0.99999999)])
+def test_dare_keep_masks_are_numpys_float32_uniforms_below_density(offset, count, density) -> None:
+    """The keep mask compares raw 32-bit draws; the reference draws numpy's float32 uniforms of each
+    position's block generator and compares them with the density in float32."""
+    import numpy as np
+
+    from mtool.merger.methods.base import RANDOM_BLOCK, hashed_seed, position_keep_mask
+
+    seed, member = 11, 1
+    blocks = range(offset // RANDOM_BLOCK, (offset + count - 1) // RANDOM_BLOCK + 1)
+    uniforms = np.concatenate([np.random.Generator(np.random.PCG64(hashed_seed(seed, member, block)))
+                               .random(RANDOM_BLOCK, dtype=np.float32) for block in blocks])
+    first = offset - blocks[0] * RANDOM_BLOCK
+    expected = uniforms[first:first + count] < np.float32(density)
+    mask = position_keep_mask(seed, member, offset, count, density)
+    assert mask.dtype == torch.uint8 and mask.shape == (count,)
+    assert np.array_equal(mask.numpy().astype(bool), expected)
+    assert position_keep_mask(seed, member, offset, count, 0.0).sum() == 0
+    assert position_keep_mask(seed, member, offset, count, 1.0).sum() == count

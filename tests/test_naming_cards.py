@@ -154,7 +154,7 @@ def test_lint_against_the_folder(folders: Folders) -> None:
     size = _label(_count(folders.base))
     good = f"Llama-3.1-{size}-Instruct-Medic-SFT-v1.0-LoRA"
     assert lint_name(good, folders.adapter).ok
-    rules = {f.rule for f in lint_name(f"Llama-3.1-70B-Instruct-Medic-SFT-v1.0-LoRA", folders.adapter).findings}
+    rules = {f.rule for f in lint_name("Llama-3.1-70B-Instruct-Medic-SFT-v1.0-LoRA", folders.adapter).findings}
     assert "size-mismatch" in rules
     rules = {f.rule for f in lint_name(f"Mistral-v0.1-{size}-Instruct-Medic-SFT-v1.0-LoRA", folders.adapter).findings}
     assert "family-mismatch" in rules

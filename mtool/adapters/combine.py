@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtool import ui
-from mtool.adapters.combine_peft import PEFT_COMBINATIONS, SVD_BASED, Combination, Member, combine_module
+from mtool.adapters.combine_peft import SVD_BASED, Combination, Member, combine_module
 from mtool.adapters.combine_weightspace import PREFIX, WeightSpaceMerge
 from mtool.adapters.lora import LoraAdapter, LoraModule, load_lora
 from mtool.adapters.lowrank import thin_svd, truncation_energy

@@ -4,7 +4,7 @@ Each function returns the sparsified delta ``delta * mask``, optionally rescaled
 original (``rescale``):  ``out = (delta * mask) * ||delta||_1 / ||delta * mask||_1`` (unchanged when either
 norm is below 1e-7). Random masks draw only from the generator they are given. (TIES' magnitude top-k and
 DARE's Bernoulli masks are applied chunk by chunk in ``task_arithmetic.py``, with :func:`kth_largest` and
-``position_uniforms``.)
+``position_keep_mask``.)
 """
 
 from __future__ import annotations

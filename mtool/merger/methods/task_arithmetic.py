@@ -31,7 +31,7 @@ from mtool.merger.methods.base import (
     MergeTask,
     ParameterSpec,
     Scope,
-    position_uniforms,
+    position_keep_mask,
 )
 
 
@@ -112,9 +112,8 @@ def _keep_mask(delta: torch.Tensor, density: float, state: MemberState, sparsifi
             return state.masks[offset]
         if density <= 0:
             return torch.zeros_like(delta, dtype=torch.uint8)
-        draws = position_uniforms(seed or 0, position, offset, delta.numel())
-        kept = draws.neg_().add_(density).sign_().clamp_(min=0)  # 1 where draw < density
-        return kept.to(torch.uint8).reshape(delta.shape).to(delta.device)
+        kept = position_keep_mask(seed or 0, position, offset, delta.numel(), density)
+        return kept.reshape(delta.shape).to(delta.device)
     return None
 
 
