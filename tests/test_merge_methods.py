@@ -253,6 +253,14 @@ def test_kth_largest_is_exact() -> None:
                 assert kth_largest(values, k) == reference[k - 1]
 
 
+def test_kth_largest_is_exact_over_several_parts_with_repeated_values() -> None:
+    generator = torch.Generator().manual_seed(1)
+    values = torch.randint(0, 5000, (9_000_000,), generator=generator).double() / 5000  # 3 parts, many ties
+    reference = torch.sort(values, descending=True).values
+    for k in (1, 123_457, 4_500_000, 8_999_999):
+        assert kth_largest(values, k) == reference[k - 1]
+
+
 def test_registry_knows_every_mergekit_method_and_rejects_others() -> None:
     assert set(METHODS) == {"linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties",
                             "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",

@@ -9,6 +9,7 @@ DARE's Bernoulli masks are applied chunk by chunk in ``task_arithmetic.py``, wit
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _RESCALE_EPS = 1e-7
@@ -49,13 +50,23 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     high = sample[min(sample_size - 1, int((quantile + margin) * sample_size))]
     above, band_parts = 0, []
     for part in values.split(1 << 22):  # bounded temporaries: boolean masks of one part at a time
-        above += int((part > high).sum())
-        band_parts.append(part[(part >= low) & (part <= high)])
+        count, inside = _count_above_and_band(part, float(low), float(high))
+        above += count
+        band_parts.append(inside)
     band = torch.cat(band_parts)
     rank = k - above  # the answer is the rank-th largest inside the band
     if 1 <= rank <= band.numel():
         return torch.kthvalue(band, band.numel() - rank + 1).values
     return torch.kthvalue(values, n - k + 1).values
+
+
+def _count_above_and_band(part: torch.Tensor, low: float, high: float) -> tuple[int, torch.Tensor]:
+    """How many entries exceed ``high``, and the entries in ``[low, high]``. On the CPU with numpy, whose
+    comparisons and boolean selections run 3-20x faster than torch's there."""
+    if part.device.type != "cpu":
+        return int((part > high).sum()), part[(part >= low) & (part <= high)]
+    array = part.numpy()
+    return int(np.count_nonzero(array > high)), torch.from_numpy(array[(array >= low) & (array <= high)])
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False) -> torch.Tensor:
