@@ -17,7 +17,7 @@ recipe and the headers, planning) is timed on its own with ``--dry-run``; the re
 
 ``--cold-cache`` (root only) adds a table for inputs read from disk: the page cache is dropped before every
 mtool run (hashes cached) and every floor, whose reads then run one ``cat`` per input model at once.
-Prints markdown tables.
+Prints markdown tables (and, on stderr, every run's time as JSON).
 """
 
 from __future__ import annotations
@@ -168,7 +168,8 @@ def cold_cache_row(method: str, mtool: list[str], recipe: Path, inputs: list[Pat
         floors.append(floor_seconds(inputs, output_bytes, WORK / "floor.bin", cold=True))
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
-    return {"method": method, "cold_mtool_s": statistics.median(times), "cold_floor_s": statistics.median(floors)}
+    return {"method": method, "cold_mtool_s": statistics.median(times), "cold_floor_s": statistics.median(floors),
+            "runs": {"cold_mtool_s": times, "cold_floor_s": floors}}
 
 
 def main() -> None:
@@ -214,7 +215,8 @@ def main() -> None:
             floors.append(floor_seconds(inputs, output_bytes, WORK / "floor.bin"))
         row = {"method": method, "mtool_s": statistics.median(times), "mtool_warm_s": statistics.median(warm_times),
                "mtool_gib": max(peaks), "floor_s": statistics.median(floors),
-               "startup_s": startup_seconds(mtool, recipe, env, args.repeats)}
+               "startup_s": startup_seconds(mtool, recipe, env, args.repeats),
+               "runs": {"mtool_s": times, "mtool_warm_s": warm_times, "floor_s": floors}}
         if mergekit is not None:
             mk_times, mk_peaks = [], []
             mk_out = WORK / f"mergekit-{method}"
@@ -226,6 +228,7 @@ def main() -> None:
                 mk_peaks.append(peak)
             shutil.rmtree(mk_out, ignore_errors=True)
             row.update(mergekit_s=statistics.median(mk_times), mergekit_gib=max(mk_peaks))
+            row["runs"]["mergekit_s"] = mk_times
         rows.append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)
         if args.cold_cache:
