@@ -126,9 +126,12 @@ def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> l
     take one more pass together, drawing each random mask once (finishing reuses it)."""
     members = [i for i in range(len(tensor.inputs)) if i != tensor.base_index]
     densities = [float(tensor.model_params[index].get("density", 1.0)) for index in members]
-    thresholds = [_magnitude_threshold(tensor, index, density)
-                  if options.sparsification is Sparsification.MAGNITUDE else None
-                  for index, density in zip(members, densities)]
+    thresholds: list[float | None] = [None] * len(members)
+    if options.sparsification is Sparsification.MAGNITUDE:
+        selecting = any(0 < density < 1 for density in densities)  # the models share one scratch buffer
+        magnitudes = torch.empty(tensor.numel if selecting else 0, dtype=tensor.compute_dtype, device=tensor.device)
+        thresholds = [_magnitude_threshold(tensor, index, density, magnitudes)
+                      for index, density in zip(members, densities)]
     rescaled = [position for position, density in enumerate(densities)
                 if tensor.params["rescale"] and options.sparsification is not Sparsification.NONE and 0 < density < 1]
     if not rescaled:
@@ -156,15 +159,14 @@ def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> l
     return states
 
 
-def _magnitude_threshold(tensor: ChunkedTensor, index: int, density: float) -> float | None:
+def _magnitude_threshold(tensor: ChunkedTensor, index: int, density: float, magnitudes: torch.Tensor) -> float | None:
     """TIES: the k-th largest ``|W_index - W_base|`` over the whole tensor, ``k = max(1, floor(density n))``;
-    None when every entry is kept."""
+    None when every entry is kept. ``magnitudes`` is scratch space of the tensor's size."""
     if density >= 1:
         return None
     count = tensor.numel
     if density <= 0 or count == 0:
         return math.inf
-    magnitudes = torch.empty(count, dtype=tensor.compute_dtype, device=tensor.device)
     for start in tensor.starts():
         piece = (tensor.piece(index, start) - tensor.piece(tensor.base_index, start)).abs_()  # pieces may be views
         magnitudes[start:start + piece.numel()] = piece
