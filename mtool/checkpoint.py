@@ -769,22 +769,25 @@ def file_sha256(path: str | os.PathLike, *, chunk_bytes: int = 16 * 1024 * 1024)
     key = f"{real}:{stat.st_size}:{stat.st_mtime_ns}"
     remembered = stat.st_size >= _HashCache.MIN_BYTES
     with _HASHING_LOCK:
+        if key in _HASHED:
+            return _HASHED[key]
         running = _HASHING.get(key)
-        if running is None:
+        owner = running is None
+        if owner:
             running = _HASHING[key] = Future()
-            owner = True
-        else:
-            owner = False
     if not owner:
         return running.result()
     try:
         result = _cached_or_computed_sha256(real, key, remembered, chunk_bytes)
     except BaseException as error:
-        running.set_exception(error)
-        raise
-    finally:
         with _HASHING_LOCK:
             del _HASHING[key]
+        running.set_exception(error)
+        raise
+    with _HASHING_LOCK:
+        del _HASHING[key]
+        if remembered:  # kept in this process too, whether or not the cache file could be written
+            _HASHED[key] = result
     running.set_result(result)
     return result
 
@@ -805,6 +808,7 @@ def hash_in_background(files: Sequence[str | os.PathLike]) -> threading.Thread:
 
 
 _HASHING: dict[str, "Future[str]"] = {}  # digests being computed now, by (path, size, mtime) key
+_HASHED: dict[str, str] = {}  # digests of large files computed by this process, by the same key
 _HASHING_LOCK = threading.Lock()
 _CACHE_LOCK = threading.Lock()  # one read-modify-write of the digest cache file at a time
 

@@ -98,7 +98,9 @@ def main(verbose: int, quiet: bool) -> None:
 def run() -> None:
     """The ``mtool`` executable: the group, then a quick exit. Interpreter shutdown would otherwise spend a
     few tenths of a second collecting the garbage of the libraries a command imported (torch alone has some
-    hundred thousand objects); frozen, they are left to the operating system, like the rest of the process."""
+    hundred thousand objects); frozen, they are left to the operating system, like the rest of the process.
+    (Objects still in reference cycles then are not finalized; no command relies on that: outputs are written,
+    closed and renamed into place, and temporary folders removed, before it returns.)"""
     try:
         main()
     finally:

@@ -334,6 +334,7 @@ def test_large_file_digests_are_remembered_by_path_size_and_mtime(tmp_path: Path
 
     monkeypatch.setenv("MTOOL_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(checkpoint._HashCache, "MIN_BYTES", 10)
+    monkeypatch.setattr(checkpoint, "_HASHED", {})  # this process's own memory of digests, emptied below
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"0123456789" * 100)
     true_digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -342,6 +343,7 @@ def test_large_file_digests_are_remembered_by_path_size_and_mtime(tmp_path: Path
     entries = json.loads(cache_file.read_text())
     assert list(entries.values()) == [true_digest]
     cache_file.write_text(json.dumps({key: "remembered" for key in entries}))
+    checkpoint._HASHED.clear()  # as in a new process
     assert file_sha256(path) == "remembered"  # read from the cache, not from the file
     stat = path.stat()
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
@@ -389,11 +391,34 @@ def test_a_file_hashed_by_two_threads_at_once_is_read_once(tmp_path: Path, monke
     assert checkpoint._HASHING == {}
 
 
-def test_background_hashing_leaves_errors_to_the_later_call(tmp_path: Path, capfd) -> None:
+def test_background_hashing_leaves_errors_to_the_later_call(tmp_path: Path, monkeypatch) -> None:
+    import threading
+
     import mtool.checkpoint as checkpoint
 
+    uncaught = []
+    monkeypatch.setattr(threading, "excepthook", uncaught.append)
     missing = tmp_path / "gone.safetensors"
     checkpoint.hash_in_background([missing]).join(10)
-    assert "Traceback" not in capfd.readouterr().err
+    assert uncaught == []  # nothing escaped the background thread
     with pytest.raises(FileNotFoundError):
         file_sha256(missing)
+
+
+def test_large_file_digests_are_kept_in_the_process_when_the_cache_cannot_be_written(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    import mtool.checkpoint as checkpoint
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("MTOOL_CACHE_DIR", str(blocked))
+    monkeypatch.setattr(checkpoint._HashCache, "MIN_BYTES", 10)
+    monkeypatch.setattr(checkpoint, "_HASHED", {})
+    computed = []
+    real_compute = checkpoint._cached_or_computed_sha256
+    monkeypatch.setattr(checkpoint, "_cached_or_computed_sha256", lambda *args: computed.append(1) or real_compute(*args))
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"x" * 100)
+    checkpoint.hash_in_background([path]).join(10)
+    assert file_sha256(path) == hashlib.sha256(b"x" * 100).hexdigest()
+    assert computed == [1]  # the background result served the later call

@@ -127,7 +127,21 @@ def test_sharded_inputs_and_outputs(tiny, tmp_path, run_cli) -> None:
                                 for f in sorted(folder.glob("*.safetensors"))}
 
 
-def test_input_hashing_starts_before_planning_and_skips_what_it_cannot_find(trio, tmp_path, monkeypatch) -> None:
+def test_merge_starts_hashing_its_inputs_before_planning(trio, tmp_path, monkeypatch, run_cli) -> None:
+    import mtool.merger.commands as commands
+    import mtool.merger.plan as plan_module
+
+    events = []
+    start_hashing, plan = commands._start_hashing_inputs, plan_module.build_plan
+    monkeypatch.setattr(commands, "_start_hashing_inputs", lambda recipe: events.append("hash") or start_hashing(recipe))
+    monkeypatch.setattr(plan_module, "build_plan", lambda recipe: events.append("plan") or plan(recipe))
+    recipe = _write(tmp_path, _dare(trio))
+    run_cli("-q", "merge", recipe, tmp_path / "out", "--no-card")
+    run_cli("-q", "merge", recipe, "--dry-run")  # a dry run reads nothing
+    assert events == ["hash", "plan", "plan"]
+
+
+def test_input_hashing_skips_what_it_cannot_find(trio, tmp_path, monkeypatch) -> None:
     import mtool.checkpoint as checkpoint
     from mtool.merger.commands import _start_hashing_inputs
 

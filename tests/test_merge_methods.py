@@ -259,6 +259,8 @@ def test_kth_largest_is_exact_over_several_parts_with_repeated_values() -> None:
     reference = torch.sort(values, descending=True).values
     for k in (1, 123_457, 4_500_000, 8_999_999):
         assert kth_largest(values, k) == reference[k - 1]
+    halves = values[:1_000_000].bfloat16()  # a dtype numpy lacks takes torch's path
+    assert kth_largest(halves, 1234) == torch.sort(halves, descending=True).values[1233]
 
 
 def test_registry_knows_every_mergekit_method_and_rejects_others() -> None:
@@ -298,3 +300,17 @@ def test_dare_keep_masks_are_numpys_float32_uniforms_below_density(offset, count
     assert np.array_equal(mask.numpy().astype(bool), expected)
     assert position_keep_mask(seed, member, offset, count, 0.0).sum() == 0
     assert position_keep_mask(seed, member, offset, count, 1.0).sum() == count
+
+
+def test_32_bit_draws_split_the_same_way_on_any_byte_order(monkeypatch) -> None:
+    import sys
+
+    import numpy as np
+
+    from mtool.merger.methods.base import _low_then_high_halves
+
+    outputs = np.random.Generator(np.random.PCG64(3)).bit_generator.random_raw(1001)
+    native = _low_then_high_halves(outputs).copy()
+    monkeypatch.setattr(sys, "byteorder", "little" if sys.byteorder == "big" else "big")
+    assert np.array_equal(_low_then_high_halves(outputs), native)
+    assert native[0] == outputs[0] & 0xFFFFFFFF and native[1] == outputs[0] >> 32

@@ -86,7 +86,7 @@ def _start_hashing_inputs(recipe: "Recipe") -> "threading.Thread | None":
 
     files = []
     for reference in recipe.referenced_models():
-        folder = Path(reference.model)
+        folder = Path(reference.model).expanduser()
         if folder.is_dir():
             try:
                 files += weight_files_of_folder(folder)[0]

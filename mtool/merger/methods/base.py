@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Union
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Protocol, Union
 from mtool.errors import ComputeError, ConfigError
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 ParameterValue = Union[float, int, bool, None]
@@ -167,10 +169,19 @@ def position_keep_mask(seed: int, member: int, offset: int, count: int, density:
         generator = np.random.PCG64(hashed_seed(seed, member, block))
         generator.advance(start // 2)
         skip = start % 2  # an odd start begins with the high half of a 64-bit output
-        draws = generator.random_raw((skip + take + 1) // 2).view(np.uint32)[skip:skip + take]
+        draws = _low_then_high_halves(generator.random_raw((skip + take + 1) // 2))[skip:skip + take]
         np.less(draws, limit, out=out[position - offset:position - offset + take])
         position += take
     return torch.from_numpy(out.view(np.uint8))
+
+
+def _low_then_high_halves(outputs: "np.ndarray") -> "np.ndarray":
+    """The 32-bit draws of 64-bit generator outputs, in the generator's order: low half, then high half."""
+    import numpy as np
+
+    if sys.byteorder == "little":
+        return outputs.view(np.uint32)
+    return np.stack([outputs & 0xFFFFFFFF, outputs >> 32], axis=1).astype(np.uint32).reshape(-1)
 
 
 class ElementSource(Protocol):
