@@ -125,7 +125,10 @@ def floor_seconds(inputs: list[Path], output_bytes: int, out: Path, *, cold: boo
     to /dev/null). Cold (page cache dropped first): one ``cat`` per input folder at once, as the disk is faster
     with a reader per file."""
     groups = [[str(f) for f in sorted(folder.glob("*.safetensors"))] for folder in inputs]
-    drop_page_cache() if cold else os.sync()
+    if cold:
+        drop_page_cache()
+    else:
+        os.sync()
     started = time.perf_counter()
     readers = [subprocess.Popen(["cat", *files], stdout=subprocess.DEVNULL)
                for files in (groups if cold else [sum(groups, [])])]
@@ -198,7 +201,6 @@ def main() -> None:
         subprocess.run(["cat", *[str(f) for d in inputs for f in d.glob("*.safetensors")]],
                        stdout=subprocess.DEVNULL, check=True)  # warm the page cache for everyone
         out = WORK / f"out-{method}"
-        output_bytes = None
         times, warm_times, peaks, floors = [], [], [], []
         for repeat in range(args.repeats):
             cache = WORK / f"hash-cache-{method}-{repeat}"

@@ -34,8 +34,8 @@ import struct
 import tempfile
 import threading
 from collections import deque
-from concurrent.futures import Future
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING

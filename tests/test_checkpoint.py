@@ -416,7 +416,8 @@ def test_large_file_digests_are_kept_in_the_process_when_the_cache_cannot_be_wri
     monkeypatch.setattr(checkpoint, "_HASHED", {})
     computed = []
     real_compute = checkpoint._cached_or_computed_sha256
-    monkeypatch.setattr(checkpoint, "_cached_or_computed_sha256", lambda *args: computed.append(1) or real_compute(*args))
+    monkeypatch.setattr(checkpoint, "_cached_or_computed_sha256",
+                        lambda *args: computed.append(1) or real_compute(*args))
     path = tmp_path / "weights.safetensors"
     path.write_bytes(b"x" * 100)
     checkpoint.hash_in_background([path]).join(10)

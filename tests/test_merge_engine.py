@@ -133,7 +133,8 @@ def test_merge_starts_hashing_its_inputs_before_planning(trio, tmp_path, monkeyp
 
     events = []
     start_hashing, plan = commands._start_hashing_inputs, plan_module.build_plan
-    monkeypatch.setattr(commands, "_start_hashing_inputs", lambda recipe: events.append("hash") or start_hashing(recipe))
+    monkeypatch.setattr(commands, "_start_hashing_inputs",
+                        lambda recipe: events.append("hash") or start_hashing(recipe))
     monkeypatch.setattr(plan_module, "build_plan", lambda recipe: events.append("plan") or plan(recipe))
     recipe = _write(tmp_path, _dare(trio))
     run_cli("-q", "merge", recipe, tmp_path / "out", "--no-card")
