@@ -37,7 +37,7 @@ def build_inputs(layers: int, rank: int) -> tuple[Path, Path]:
     import torch
     from transformers import LlamaConfig
 
-    from mtool.checkpoint import CheckpointWriter, TensorSpec, save_tensors
+    from mtool.io.writing import CheckpointWriter, TensorSpec, save_tensors
 
     base, adapter = WORK / f"layers{layers}" / "base", WORK / f"layers{layers}" / f"lora-r{rank}"
     shapes = tensor_shapes(layers)
@@ -100,7 +100,7 @@ def peft_merge(base: str, adapter: str, out: str) -> None:
 
 def compare(ours: Path, theirs: Path) -> tuple[float, int, int]:
     """(largest relative Frobenius difference of a tensor, elements that differ, elements)."""
-    from mtool.checkpoint import open_checkpoint
+    from mtool.io.reading import open_checkpoint
 
     mine, peft = open_checkpoint(ours), open_checkpoint(theirs)
     worst, differing, total = 0.0, 0, 0

@@ -30,7 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mtool.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint  # noqa: E402
+from mtool.io.reading import open_checkpoint  # noqa: E402
+from mtool.io.writing import CheckpointWriter, TensorSpec
 
 
 def make_tensors(gib: float) -> dict[str, torch.Tensor]:

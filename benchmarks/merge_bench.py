@@ -73,7 +73,7 @@ def build_models(layers: int) -> dict[str, Path]:
     import torch
     from transformers import LlamaConfig
 
-    from mtool.checkpoint import CheckpointWriter, TensorSpec
+    from mtool.io.writing import CheckpointWriter, TensorSpec
     from mtool.tinymodels import build_tokenizer
 
     root = WORK / f"layers{layers}"

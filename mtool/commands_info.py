@@ -10,7 +10,7 @@ import click
 
 def summarize_checkpoint(path: str) -> dict:
     """Files, tensor count, parameter count, dtypes, architecture and lineage of a folder."""
-    from mtool.checkpoint import open_checkpoint
+    from mtool.io.reading import open_checkpoint
     from mtool.lineage import read_lineage
 
     checkpoint = open_checkpoint(path)
@@ -43,7 +43,7 @@ def info(model: str, as_json: bool, tensors: bool) -> None:
     """Summarize a model or adapter folder (or one .safetensors file) without reading its weights."""
     summary = summarize_checkpoint(model)
     if tensors:
-        from mtool.checkpoint import open_checkpoint
+        from mtool.io.reading import open_checkpoint
 
         summary["tensor_list"] = [
             {"name": t.name, "shape": list(t.shape), "dtype": t.dtype_name, "file": t.file.name}

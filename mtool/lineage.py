@@ -14,7 +14,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mtool import __version__
 from mtool.errors import InputError
+from mtool.hub import ModelRef
+from mtool.io.hashing import FileHasher
 
 LINEAGE_FILENAME = "mtool-lineage.json"
 SCHEMA_VERSION = 1
@@ -99,18 +103,6 @@ class Lineage(BaseModel):
 Parent.model_rebuild()
 
 
-def weight_files_of(folder: str | os.PathLike) -> list[Path]:
-    """The weight files of an output folder (safetensors shards), sorted."""
-    return sorted(Path(folder).glob("*.safetensors"))
-
-
-def hash_files(files: Iterable[str | os.PathLike]) -> dict[str, str]:
-    """``{file name: sha256}`` for each file, streamed (see :func:`mtool.checkpoint.file_sha256`)."""
-    from mtool.checkpoint import file_sha256
-
-    return {Path(f).name: file_sha256(f) for f in files}
-
-
 def read_lineage(folder: str | os.PathLike) -> Lineage | None:
     """The record in ``folder``, or None when the folder has none. A malformed record is an error."""
     path = Path(folder) / LINEAGE_FILENAME
@@ -134,22 +126,27 @@ def write_lineage(folder: str | os.PathLike, record: Lineage) -> Path:
     return path
 
 
-def describe_parent(reference: Any, role: Role, *, hash_weights: bool = True, weight: float | None = None) -> Parent:
-    """A :class:`Parent` for an input folder: weight hashes, license, and its own record if any.
+@dataclass(frozen=True)
+class ParentInput:
+    """An input of an operation, to be described in its record: the model, its role, its weight if it has one."""
 
-    ``reference`` is a :class:`mtool.checkpoint.ModelRef` or a local path.
-    """
-    from mtool.checkpoint import ModelRef, open_checkpoint
+    ref: ModelRef
+    role: Role
+    weight: float | None = None
+
+
+def describe_parent(reference: ModelRef | str | os.PathLike, role: Role, *, hasher: FileHasher,
+                    weight: float | None = None) -> Parent:
+    """A :class:`Parent` for an input folder: weight hashes, license, and its own record if any."""
+    from mtool.io.reading import open_checkpoint
 
     if not isinstance(reference, ModelRef):
         reference = ModelRef(id=str(reference), path=Path(reference))
     folder = reference.path if reference.path.is_dir() else reference.path.parent
-    files: dict[str, str] = {}
-    if hash_weights:
-        try:
-            files = hash_files(open_checkpoint(reference.path).weight_files)
-        except InputError:
-            files = {}
+    try:
+        files = hasher.hash_files(open_checkpoint(reference.path).weight_files)
+    except InputError:
+        files = {}
     return Parent(
         id=reference.id,
         role=role,
@@ -161,6 +158,17 @@ def describe_parent(reference: Any, role: Role, *, hash_weights: bool = True, we
         weight=weight,
         lineage=read_lineage(folder),
     )
+
+
+def describe_parents_in_background(inputs: Sequence[ParentInput], hasher: FileHasher) -> "Future[list[Parent]]":
+    """Describe ``inputs`` (hashing their weight files) in a thread of its own, so that the hashing overlaps the
+    work that produces the output; the future's result is the parents in order, or the first error."""
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtool-parents")
+    try:
+        return pool.submit(lambda: [describe_parent(item.ref, item.role, hasher=hasher, weight=item.weight)
+                                    for item in inputs])
+    finally:
+        pool.shutdown(wait=False)
 
 
 def declared_license(folder: str | os.PathLike) -> str | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 
@@ -32,6 +34,17 @@ def debug(message: str) -> None:
 def warn(message: str) -> None:
     """A warning; shown even with ``--quiet``."""
     print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def quiet_unless_verbose() -> Iterator[None]:
+    """Silence messages and progress bars for the ``with`` block, unless ``-v`` was given; then restore."""
+    saved = (VERBOSITY.verbose, VERBOSITY.quiet)
+    VERBOSITY.quiet = VERBOSITY.quiet or not VERBOSITY.verbose
+    try:
+        yield
+    finally:
+        VERBOSITY.verbose, VERBOSITY.quiet = saved
 
 
 def progress(iterable=None, *, total: int | None = None, desc: str = "", unit: str = "it", unit_scale: bool = False):

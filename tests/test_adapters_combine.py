@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from mtool.adapters.lora import load_lora
-from mtool.checkpoint import open_checkpoint
+from mtool.io.reading import open_checkpoint
 from mtool.lineage import read_lineage
+from mtool.lora.adapter import load_lora
 from tests.support.peft_adapters import logits, make_peft_adapter, peft_model, relative
 
 WEIGHTS = (0.7, -0.4)

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from mtool.adapters.lora import load_lora
-from mtool.checkpoint import open_checkpoint
+from mtool.io.reading import open_checkpoint
 from mtool.lineage import read_lineage
+from mtool.lora.adapter import load_lora
 from tests.support.peft_adapters import load_model, logits, make_peft_adapter, peft_model, relative
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mtool.checkpoint import file_sha256, open_checkpoint
+from mtool.io.hashing import sha256_of_file
+from mtool.io.reading import open_checkpoint
 from mtool.lineage import read_lineage
 from tests.support.peft_adapters import load_model, logits, make_peft_adapter, peft_model, relative
 
@@ -190,9 +191,9 @@ def test_output_folder_and_lineage(bases, adapter_dir, tmp_path, run_cli):
     record = read_lineage(out)
     assert record.operation == "adapter-merge" and record.method == "lora"
     assert [p.role for p in record.parents] == ["base", "adapter"]
-    assert record.parents[1].files["adapter_model.safetensors"] == file_sha256(adapter / "adapter_model.safetensors")
+    assert record.parents[1].files["adapter_model.safetensors"] == sha256_of_file(adapter / "adapter_model.safetensors")
     shards = sorted(out.glob("*.safetensors"))
-    assert len(shards) > 1 and record.outputs == {p.name: file_sha256(p) for p in shards}
+    assert len(shards) > 1 and record.outputs == {p.name: sha256_of_file(p) for p in shards}
     assert record.parameter_count == open_checkpoint(base).parameter_count()
     # existing output: refused without --force, replaced with it
     result = run_cli("adapters", "merge", base, adapter, out, expect=3)

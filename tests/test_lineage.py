@@ -10,15 +10,8 @@ import pytest
 
 from mtool import __version__
 from mtool.errors import InputError
-from mtool.lineage import (
-    LINEAGE_FILENAME,
-    Dataset,
-    Lineage,
-    Parent,
-    describe_parent,
-    read_lineage,
-    write_lineage,
-)
+from mtool.io.hashing import FileHasher
+from mtool.lineage import LINEAGE_FILENAME, Dataset, Lineage, Parent, describe_parent, read_lineage, write_lineage
 
 
 def test_round_trip_with_nested_parents(tmp_path: Path) -> None:
@@ -54,7 +47,7 @@ def test_missing_and_malformed_records(tmp_path: Path) -> None:
 
 def test_describe_parent_hashes_weights_and_reads_license(tiny, tmp_path: Path) -> None:
     folder = tiny.model("llama", shards=2, license="apache-2.0")
-    parent = describe_parent(folder, "base")
+    parent = describe_parent(folder, "base", hasher=FileHasher())
     assert parent.role == "base" and not parent.is_hub and parent.license == "apache-2.0"
     assert sorted(parent.files) == sorted(f.name for f in folder.glob("*.safetensors"))
     for name, digest in parent.files.items():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtool.checkpoint import open_checkpoint
+from mtool.io.reading import open_checkpoint
 from mtool.lineage import read_lineage
 from mtool.merger.plan import build_plan
 from mtool.merger.recipe import parse_recipe
@@ -128,13 +128,12 @@ def test_sharded_inputs_and_outputs(tiny, tmp_path, run_cli) -> None:
 
 
 def test_merge_starts_hashing_its_inputs_before_planning(trio, tmp_path, monkeypatch, run_cli) -> None:
-    import mtool.merger.commands as commands
     import mtool.merger.plan as plan_module
+    from mtool.io.hashing import FileHasher
 
     events = []
-    start_hashing, plan = commands._start_hashing_inputs, plan_module.build_plan
-    monkeypatch.setattr(commands, "_start_hashing_inputs",
-                        lambda recipe: events.append("hash") or start_hashing(recipe))
+    start_hashing, plan = FileHasher.start, plan_module.build_plan
+    monkeypatch.setattr(FileHasher, "start", lambda self, files: events.append("hash") or start_hashing(self, files))
     monkeypatch.setattr(plan_module, "build_plan", lambda recipe: events.append("plan") or plan(recipe))
     recipe = _write(tmp_path, _dare(trio))
     run_cli("-q", "merge", recipe, tmp_path / "out", "--no-card")
@@ -142,21 +141,14 @@ def test_merge_starts_hashing_its_inputs_before_planning(trio, tmp_path, monkeyp
     assert events == ["hash", "plan", "plan"]
 
 
-def test_input_hashing_skips_what_it_cannot_find(trio, tmp_path, monkeypatch) -> None:
-    import mtool.checkpoint as checkpoint
-    from mtool.merger.commands import _start_hashing_inputs
+def test_input_hashing_skips_what_it_cannot_find(trio, tmp_path) -> None:
+    from mtool.merger.recipe import local_weight_files
 
-    monkeypatch.setenv("MTOOL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(checkpoint._HashCache, "MIN_BYTES", 1)  # remember every digest, so we can see them
     base, ft1, _ = trio
     recipe = parse_recipe(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n"
                           f"    parameters: {{weight: 1.0}}\n  - model: {tmp_path / 'missing'}\n"
                           f"    parameters: {{weight: 1.0}}\n")
-    _start_hashing_inputs(recipe).join(30)
-    remembered = json.loads((tmp_path / "cache" / "sha256.json").read_text())
-    expected = {hashlib.sha256(f.read_bytes()).hexdigest() for folder in (base, ft1)
-                for f in folder.glob("*.safetensors")}
-    assert set(remembered.values()) == expected
+    assert sorted(local_weight_files(recipe)) == sorted(f for folder in (base, ft1) for f in folder.glob("*.safetensors"))
 
 
 def test_union_vocabulary_aligns_embedding_rows(tiny, tmp_path, run_cli) -> None:

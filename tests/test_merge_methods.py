@@ -224,7 +224,7 @@ def test_nearswap_and_passthrough() -> None:
 
 
 def test_chunked_merges_equal_whole_tensor_merges() -> None:
-    from mtool.merger.methods.base import ChunkedTensor, InMemory
+    from mtool.merger.chunks import ChunkedTensor, InMemory
 
     base, x1, x2 = _tensors(3, (300, 170), seed=13)
     for method, params in (("ties", {"weight": 0.7, "density": 0.3}), ("dare_ties", {"weight": 0.7, "density": 0.3}),
@@ -236,10 +236,10 @@ def test_chunked_merges_equal_whole_tensor_merges() -> None:
         per_model = [{}] + [params] * (len(inputs) - 1)
         whole = spec.merge(MergeTask(name="w", inputs=inputs, model_params=per_model, params=shared, base_index=0,
                                      seed=5))
-        chunked = ChunkedTensor(name="w", inputs=[InMemory(t) for t in inputs], model_params=per_model, params=shared, base_index=0,
-                                compute_dtype=torch.float32, chunk_size=7919, seed=5)
+        chunked = ChunkedTensor(name="w", inputs=[InMemory(t) for t in inputs], model_params=per_model,
+                                params=shared, base_index=0, compute_dtype=torch.float32, chunk_size=7919, seed=5)
         prepared = spec.prepare(chunked)
-        pieces = torch.cat([spec.finish(chunked.chunk(s), prepared) for s in chunked.starts()])
+        pieces = torch.cat([spec.map_chunk(chunked.task(s), prepared) for s in chunked.starts()])
         _close(pieces.double(), whole.reshape(-1).double(), 1e-6)
 
 
@@ -287,7 +287,8 @@ def test_dare_keep_masks_are_numpys_float32_uniforms_below_density(offset, count
     position's block generator and compares them with the density in float32."""
     import numpy as np
 
-    from mtool.merger.methods.base import RANDOM_BLOCK, hashed_seed, position_keep_mask
+    from mtool.merger.methods.sparsify import RANDOM_BLOCK, position_keep_mask
+    from mtool.seeding import hashed_seed
 
     seed, member = 11, 1
     blocks = range(offset // RANDOM_BLOCK, (offset + count - 1) // RANDOM_BLOCK + 1)
@@ -307,7 +308,7 @@ def test_32_bit_draws_split_the_same_way_on_any_byte_order(monkeypatch) -> None:
 
     import numpy as np
 
-    from mtool.merger.methods.base import _low_then_high_halves
+    from mtool.merger.methods.sparsify import _low_then_high_halves
 
     outputs = np.random.Generator(np.random.PCG64(3)).bit_generator.random_raw(1001)
     native = _low_then_high_halves(outputs).copy()

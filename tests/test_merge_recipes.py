@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from mtool.merger.describe import describe_plan
 from mtool.merger.plan import build_plan
 from mtool.merger.recipe import parse_recipe
-from mtool.merger.run import describe_plan
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "merge").glob("*.yaml"))
 

@@ -110,7 +110,7 @@ def test_well_known_sizes() -> None:
 def test_count_parameters_separates_the_experts_of_a_mixture(tmp_path: Path) -> None:
     import torch
 
-    from mtool.checkpoint import save_tensors
+    from mtool.io.writing import save_tensors
 
     experts, hidden, inner, vocab = 4, 8, 16, 32
     tensors = {"model.embed_tokens.weight": torch.zeros(vocab, hidden), "lm_head.weight": torch.zeros(vocab, hidden)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtool.checkpoint import open_checkpoint
+from mtool.io.reading import open_checkpoint
 from mtool.tinymodels import ARCHITECTURES, TinySpec, build_tokenizer, make_tiny_model
 
 

@@ -8,15 +8,9 @@ import json
 import pytest
 
 from mtool.errors import InputError
+from mtool.io.hashing import FileHasher
 from mtool.train.batching import collate
-from mtool.train.data import (
-    IGNORE_INDEX,
-    find_data,
-    load_records,
-    split_for_eval,
-    tokenize_dataset,
-    tokenize_rendered,
-)
+from mtool.train.data import IGNORE_INDEX, find_data, load_records, split_for_eval, tokenize_dataset, tokenize_rendered
 from mtool.train.formats import ChatRenderer, detect_format, render_record
 from mtool.train.tokenizer import load_tokenizer, prepare_tokenizer
 from tests.support.train_helpers import alpaca_records, chat_records, write_jsonl
@@ -92,8 +86,8 @@ def test_eos_that_doubles_as_pad_is_still_learned(tiny_llama):
 
 
 def test_truncation_counted_and_untrainable_examples_dropped(tokenizer, tmp_path, capsys):
-    from mtool.train.run import _report_data, prepare_data
     from mtool.train.config import load_config
+    from mtool.train.run import _report_data, prepare_data
 
     records = [{"prompt": "Question: " + "a b c d e f g h " * 8, "completion": " yes"},  # response cut away
                {"prompt": "Q:", "completion": " " + "x y z " * 20},  # response cut, but partly kept
@@ -113,7 +107,7 @@ def test_truncation_counted_and_untrainable_examples_dropped(tokenizer, tmp_path
 
 
 def test_named_template_adds_its_markers_and_is_kept(tiny_llama):
-    from mtool.merger.chat_templates import BUILTIN_TEMPLATES
+    from mtool.chat_templates import BUILTIN_TEMPLATES
 
     tokenizer = load_tokenizer(str(tiny_llama))
     size = len(tokenizer)
@@ -181,9 +175,9 @@ def test_data_hash_is_the_file_hash_or_a_hash_of_the_list(tmp_path):
     two = write_jsonl(tmp_path / "two.jsonl", alpaca_records(3))
     digest_one = hashlib.sha256(one.read_bytes()).hexdigest()
     digest_two = hashlib.sha256(two.read_bytes()).hexdigest()
-    assert find_data([str(one)]).sha256 == digest_one
+    assert find_data([str(one)]).sha256(FileHasher()) == digest_one
     expected = hashlib.sha256(f"{digest_one}  one.jsonl\n{digest_two}  two.jsonl\n".encode()).hexdigest()
-    assert find_data([str(one), str(two)]).sha256 == expected
+    assert find_data([str(one), str(two)]).sha256(FileHasher()) == expected
 
 
 def test_eval_split_is_seeded_and_disjoint(tokenizer, tmp_path):

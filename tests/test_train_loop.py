@@ -186,7 +186,7 @@ def test_named_chat_template_is_saved_and_new_tokens_train_in_full(tiny_llama, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from mtool.merger.chat_templates import BUILTIN_TEMPLATES
+    from mtool.chat_templates import BUILTIN_TEMPLATES
 
     data = write_jsonl(tmp_path / "chat.jsonl", chat_records(12))
     out = tmp_path / "adapter"

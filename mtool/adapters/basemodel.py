@@ -3,8 +3,8 @@ adapter fits it (from the safetensors headers alone)."""
 
 from __future__ import annotations
 
-from mtool.adapters.lora import LoraAdapter
-from mtool.checkpoint import Checkpoint
+from mtool.io.reading import Checkpoint
+from mtool.lora.adapter import LoraAdapter
 
 HEAD = "lm_head.weight"
 EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight",

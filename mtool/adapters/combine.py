@@ -22,14 +22,16 @@ from typing import TYPE_CHECKING, Any
 from mtool import ui
 from mtool.adapters.combine_peft import SVD_BASED, Combination, Member, combine_module
 from mtool.adapters.combine_weightspace import PREFIX, WeightSpaceMerge
-from mtool.adapters.lora import LoraAdapter, LoraModule, load_lora
-from mtool.adapters.lowrank import thin_svd, truncation_energy
 from mtool.adapters.peft_format import ModuleFactors, adapter_config, save_adapter_folder, target_module_names
 from mtool.adapters.report import FitReport, ModuleFit
-from mtool.checkpoint import ModelRef, open_checkpoint, resolve_model
 from mtool.adapters.validate import adapter_weights, positive_rank
 from mtool.errors import InputError
+from mtool.hub import ModelRef, resolve_model
+from mtool.io.hashing import FileHasher
+from mtool.io.reading import open_checkpoint
 from mtool.lineage import Lineage, describe_parent
+from mtool.lora.adapter import LoraAdapter, LoraModule, load_lora
+from mtool.lora.lowrank import thin_svd, truncation_energy
 
 if TYPE_CHECKING:
     import torch
@@ -106,8 +108,10 @@ def _union_targets(adapters: list[LoraAdapter], modules: list[str]) -> Any:
     return target_module_names(modules)
 
 
-def combine_adapters(adapters: list[str], output: str | os.PathLike, options: CombineOptions) -> CombineResult:
+def combine_adapters(adapters: list[str], output: str | os.PathLike, options: CombineOptions, *,
+                     hasher: FileHasher | None = None) -> CombineResult:
     """Combine ``adapters`` into one adapter written to ``output``."""
+    hasher = hasher or FileHasher.default()
     weights = adapter_weights(len(adapters), options.weights, "combine")
     positive_rank(options.rank)
     refs = [resolve_model(a) for a in adapters]
@@ -126,9 +130,9 @@ def combine_adapters(adapters: list[str], output: str | os.PathLike, options: Co
     config = adapter_config(factors, target_modules=_union_targets(loaded, [f.module for f in factors]),
                             base_model=loaded[0].base_model_id, template=loaded[0].config,
                             modules_to_save=modules_to_save or None, trainable_token_indices=token_indices)
-    parents = [describe_parent(ref, "adapter", weight=weight) for ref, weight in zip(refs, weights)]
+    parents = [describe_parent(ref, "adapter", hasher=hasher, weight=weight) for ref, weight in zip(refs, weights)]
     if base_ref is not None:
-        parents.insert(0, describe_parent(base_ref, "base"))
+        parents.insert(0, describe_parent(base_ref, "base", hasher=hasher))
     method = method or _peft_kind(options, len(loaded))
     record = Lineage(operation="combine", method=method, parents=parents, seed=options.seed,
                      parameters={"weights": list(weights), "density": options.density, "rank": options.rank,
@@ -138,7 +142,7 @@ def combine_adapters(adapters: list[str], output: str | os.PathLike, options: Co
     dtype = loaded[0].checkpoint.info(next(iter(loaded[0].targets.values())).key_a).dtype
     inputs: list[str | Path] = [ref.path for ref in refs] + ([base_ref.path] if base_ref else [])
     save_adapter_folder(output, factors, config, record, dtype=dtype, inputs=inputs, force=options.force,
-                        extra=extra)
+                        hasher=hasher, extra=extra)
     return CombineResult(Path(output), method, len(factors), report)
 
 
@@ -150,7 +154,7 @@ def _combine_like_peft(adapters: list[LoraAdapter], table: dict[str, list[tuple[
                        weights: tuple[float, ...], options: CombineOptions) -> list[ModuleFactors]:
     import torch
 
-    from mtool.merger.run import tensor_seed
+    from mtool.seeding import tensor_seed
 
     kind = _peft_kind(options, len(adapters))
     combination = Combination(kind, options.density, options.majority_sign_method, options.svd_clamp)

@@ -22,8 +22,8 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mtool.adapters.lowrank import LowRank, lora_delta
 from mtool.errors import InputError
+from mtool.lora.lowrank import LowRank, lora_delta
 
 if TYPE_CHECKING:
     import torch

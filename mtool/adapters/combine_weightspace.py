@@ -116,7 +116,7 @@ class WeightSpaceMerge:
         import torch
 
         from mtool.merger.methods.base import BasePolicy, MergeTask
-        from mtool.merger.run import tensor_seed
+        from mtool.seeding import tensor_seed
 
         method = self.method()
         base_is_input = method.base is not BasePolicy.IGNORED and not self._first_is_base(method)

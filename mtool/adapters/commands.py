@@ -10,6 +10,7 @@ import json
 
 import click
 
+from mtool.sizes import BYTE_SIZE
 from mtool.ui import info
 
 DTYPE_CHOICES = ("bfloat16", "float16", "float32")
@@ -30,7 +31,7 @@ def parse_weights(values: tuple[str, ...]) -> tuple[float, ...] | None:
 def _dtype(name: str | None):
     if name is None:
         return None
-    from mtool.checkpoint import parse_dtype
+    from mtool.io.dtypes import parse_dtype
 
     return parse_dtype(name)
 
@@ -91,11 +92,12 @@ def inspect_command(adapter: str, base: str | None, as_json: bool) -> None:
               help="With --dequantized-base: bnb_4bit_use_double_quant of the training run.")
 @click.option("--quant-skip", multiple=True, default=("lm_head",), show_default=True,
               help="With --dequantized-base: modules left unquantized in training (llm_int8_skip_modules).")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
+@click.option("--shard-size", type=BYTE_SIZE, default="5GB", show_default=True,
+              help="Largest output shard, e.g. 2GB or 500MB.")
 @force_option
 def merge_command(paths: tuple[str, ...], weights: tuple[str, ...], dtype: str | None, dequantized_base: bool,
                   quant_type: str, quant_blocksize: int, double_quant: bool, quant_skip: tuple[str, ...],
-                  shard_size: str, force: bool) -> None:
+                  shard_size: int, force: bool) -> None:
     """Merge one or more LoRA adapters into BASE and write the full model to OUT.
 
     Streams tensor by tensor: W' = W + w * s * B @ A in float32 (s = alpha/r, or alpha/sqrt(r) for rsLoRA;
@@ -106,7 +108,6 @@ def merge_command(paths: tuple[str, ...], weights: tuple[str, ...], dtype: str |
     """
     from mtool.adapters.merge import AdapterMergeOptions, merge_adapters
     from mtool.adapters.quantize import QuantSettings
-    from mtool.merger.commands import parse_size
 
     if len(paths) < 3:
         raise click.UsageError("give BASE, at least one ADAPTER, and OUT")
@@ -116,7 +117,7 @@ def merge_command(paths: tuple[str, ...], weights: tuple[str, ...], dtype: str |
     quant = QuantSettings(quant_type=quant_type, blocksize=quant_blocksize, double_quant=double_quant,
                           skip_modules=tuple(quant_skip)) if dequantized_base else None
     options = AdapterMergeOptions(weights=parse_weights(weights), dtype=_dtype(dtype), dequantized_base=quant,
-                                  max_shard_bytes=parse_size(shard_size), force=force)
+                                  max_shard_bytes=shard_size, force=force)
     report = merge_adapters(base, adapter_paths, out, options)
     untied = " (embeddings untied: the adapter changes the input embedding and the head differently)" \
         if report.untied else ""

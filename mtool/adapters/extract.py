@@ -19,15 +19,17 @@ from pathlib import Path
 
 from mtool import ui
 from mtool.adapters.basemodel import HEAD, tied_embedding
-from mtool.adapters.lora import PEFT_PREFIX
-from mtool.adapters.lowrank import rank_for_energy, thin_svd, truncation_energy
 from mtool.adapters.peft_format import ModuleFactors, adapter_config, save_adapter_folder, target_module_names
 from mtool.adapters.quantize import EMBEDDING_MARKERS
 from mtool.adapters.report import FitReport, ModuleFit
 from mtool.adapters.validate import positive_rank
-from mtool.checkpoint import Checkpoint, open_checkpoint, resolve_model
 from mtool.errors import InputError
+from mtool.hub import resolve_model
+from mtool.io.hashing import FileHasher
+from mtool.io.reading import Checkpoint, open_checkpoint
 from mtool.lineage import Lineage, describe_parent
+from mtool.lora.adapter import PEFT_PREFIX
+from mtool.lora.lowrank import rank_for_energy, thin_svd, truncation_energy
 
 
 @dataclass(frozen=True)
@@ -76,10 +78,12 @@ def _is_embedding(name: str) -> bool:
     return any(marker in name for marker in EMBEDDING_MARKERS)
 
 
-def extract_adapter(base: str, tuned: str, output: str | os.PathLike, options: ExtractOptions) -> ExtractResult:
+def extract_adapter(base: str, tuned: str, output: str | os.PathLike, options: ExtractOptions, *,
+                    hasher: FileHasher | None = None) -> ExtractResult:
     """Write the adapter approximating ``tuned - base`` to ``output``."""
     import torch
 
+    hasher = hasher or FileHasher.default()
     options.check()
     base_ref, tuned_ref = resolve_model(base), resolve_model(tuned)
     base_checkpoint, tuned_checkpoint = open_checkpoint(base_ref.path), open_checkpoint(tuned_ref.path)
@@ -129,11 +133,12 @@ def extract_adapter(base: str, tuned: str, output: str | os.PathLike, options: E
     if base_config.get("architectures") and not str(base_config["architectures"][0]).endswith("ForCausalLM"):
         config["task_type"] = None
     record = Lineage(operation="extract", method="svd",
-                     parents=[describe_parent(base_ref, "base"), describe_parent(tuned_ref, "model")],
+                     parents=[describe_parent(base_ref, "base", hasher=hasher),
+                              describe_parent(tuned_ref, "model", hasher=hasher)],
                      parameters={"rank": options.rank, "energy": options.energy, "keep_other": options.keep_other},
                      metrics={**report.metrics(), "not_low_rank": other})
     save_adapter_folder(output, factors, config, record, dtype=options.dtype or torch.float32,
-                        inputs=[base_ref.path, tuned_ref.path], force=options.force, extra=extra)
+                        inputs=[base_ref.path, tuned_ref.path], force=options.force, hasher=hasher, extra=extra)
     return ExtractResult(Path(output), report, other)
 
 

@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mtool.adapters.basemodel import fit_problems
-from mtool.adapters.lora import LoraAdapter, load_lora
-from mtool.checkpoint import open_checkpoint, resolve_model
 from mtool.errors import InputError
+from mtool.hub import resolve_model
+from mtool.io.reading import open_checkpoint
+from mtool.lora.adapter import LoraAdapter, load_lora
 
 
 @dataclass

@@ -19,43 +19,35 @@ stored, ``tie_word_embeddings: false``), so the merged model computes what the a
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtool import ui
 from mtool.adapters.basemodel import HEAD, fit_problems, tied_embedding
-from mtool.adapters.lora import LoraAdapter, load_lora
 from mtool.adapters.quantize import QuantSettings, dequantized, is_quantized_weight
-from mtool.checkpoint import (
-    DEFAULT_SHARD_BYTES,
-    Checkpoint,
-    CheckpointWriter,
-    TensorInfo,
-    ModelRef,
-    TensorSpec,
-    atomic_output_dir,
-    copy_support_files,
-    open_checkpoint,
-    resolve_model,
-)
 from mtool.adapters.validate import adapter_weights
-from mtool.errors import ComputeError, InputError
-from mtool.lineage import Lineage, Parent, describe_parent, write_lineage
-from mtool.memory import return_freed_memory_promptly
-from mtool.naming.card import write_card
+from mtool.errors import InputError
+from mtool.hub import ModelRef, resolve_model
+from mtool.io.dtypes import dtype_label
+from mtool.io.folders import atomic_output_dir, copy_support_files, set_config_dtype, write_json
+from mtool.io.hashing import FileHasher
+from mtool.io.reading import Checkpoint, open_checkpoint
+from mtool.io.writing import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec
+from mtool.lineage import Lineage, ParentInput, describe_parents_in_background
+from mtool.lora.adapter import LoraAdapter, load_lora
+from mtool.naming.finish import finish_output
+from mtool.runtime import RETURN_FREED_MEMORY
+from mtool.stream import Stream, StreamLimits, require_finite, stream_tensors
 
 if TYPE_CHECKING:
     import torch
 
-LOOKAHEAD = 3  # tensors read and merged ahead of the writer, at most
-IN_FLIGHT_BYTES = 128 * 2**20  # ... and at most this many bytes of them (a larger tensor goes alone)
+# Three tensors read and merged ahead of the writer by two workers, 128 MiB at most (a larger tensor goes alone);
+# every block of 1 MiB or more goes back to the system when freed.
+ADAPTER_MERGE_LIMITS = StreamLimits(allocator=RETURN_FREED_MEMORY)
 ROW_BLOCK_ELEMENTS = 1 << 20  # float32 scratch of the row-block update: 4 MiB
 
 
@@ -171,26 +163,6 @@ def merged_tensor(name: str, weight: "torch.Tensor", plan: AdapterMergePlan, *,
     return current
 
 
-def map_tensor(info: TensorInfo) -> "torch.Tensor":
-    """The tensor's bytes in its file, mapped (private, copy-on-write) instead of copied.
-
-    Only the pages of this one tensor are mapped, and only while the tensor is alive: the mapping goes when
-    the tensor is freed, so resident memory stays at the tensors in flight, and the page-cache-to-memory
-    copy of a positioned read is saved.
-    """
-    import mmap
-
-    import torch
-
-    if info.nbytes == 0:
-        return torch.empty(info.shape, dtype=info.dtype)
-    start = info.begin - info.begin % mmap.ALLOCATIONGRANULARITY
-    with open(info.file, "rb") as handle:
-        mapping = mmap.mmap(handle.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
-    view = memoryview(mapping)[info.begin - start:]
-    return torch.frombuffer(view, dtype=info.dtype).reshape(info.shape)
-
-
 def _is_plain_update(name: str, plan: AdapterMergePlan) -> bool:
     """Whether ``name`` only gets low-rank updates added (no DoRA, replacement, token rows, bias, rounding)."""
     if plan.quant is not None and is_quantized_weight(name, plan.checkpoint.info(plan.sources[name]).shape, plan.quant):
@@ -249,11 +221,7 @@ def _scratch(elements: int) -> "torch.Tensor":
 
 
 def _check_finite(name: str, tensor: "torch.Tensor") -> None:
-    import torch
-
-    if not torch.isfinite(tensor.sum()) and not torch.isfinite(tensor).all():
-        raise ComputeError(f"the merge produced NaN or Inf values in {name}",
-                           fix="check the adapter for NaN/Inf values and the --weights")
+    require_finite(tensor, name, fix="check the adapter for NaN/Inf values and the --weights")
 
 
 def _produce(plan: AdapterMergePlan, spec: TensorSpec) -> "torch.Tensor":
@@ -261,7 +229,7 @@ def _produce(plan: AdapterMergePlan, spec: TensorSpec) -> "torch.Tensor":
     if spec.name in plan.precomputed:
         result = plan.precomputed.pop(spec.name)
     else:
-        weight = map_tensor(plan.checkpoint.info(plan.sources[spec.name]))
+        weight = plan.checkpoint.map(plan.sources[spec.name])
         if spec.name not in plan.changed:
             return weight.to(spec.dtype)
         if weight.dim() == 2 and _is_plain_update(spec.name, plan):
@@ -276,8 +244,7 @@ def _output_config(plan: AdapterMergePlan, options: AdapterMergeOptions) -> dict
     if plan.untied:
         config["tie_word_embeddings"] = False
     if options.dtype is not None:
-        config["dtype"] = str(options.dtype).removeprefix("torch.")
-        config.pop("torch_dtype", None)
+        set_config_dtype(config, options.dtype)
     return config
 
 
@@ -291,88 +258,38 @@ class AdapterMergeReport:
 
 
 def merge_adapters(base: str, adapters: list[str], output: str | os.PathLike,
-                   options: AdapterMergeOptions = AdapterMergeOptions()) -> AdapterMergeReport:
+                   options: AdapterMergeOptions = AdapterMergeOptions(), *,
+                   hasher: FileHasher | None = None) -> AdapterMergeReport:
     """Merge ``adapters`` into ``base`` and write the full model to ``output`` (atomically)."""
     started = time.perf_counter()
+    hasher = hasher or FileHasher.default()
     plan = plan_adapter_merge(base, adapters, options)
     inputs = [plan.checkpoint.folder] + [item.ref.path for item in plan.adapters]
-    with atomic_output_dir(output, force=options.force, inputs=inputs) as staging, \
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtool-hash") as background:
-        parents = background.submit(_describe_parents, plan)  # hashing overlaps the merge
-        digests = _stream(plan, staging, options)
-        config = _output_config(plan, options)
+    with atomic_output_dir(output, force=options.force, inputs=inputs) as staging:
+        parents = describe_parents_in_background(  # hashing overlaps the merge
+            [ParentInput(plan.base, "base")] + [ParentInput(item.ref, "adapter", item.weight) for item in plan.adapters],
+            hasher)
+        stream = Stream(jobs=plan.specs, name=lambda spec: spec.name, prepare=lambda spec: _produce(plan, spec),
+                        produce=lambda spec, tensor: [(0, tensor.reshape(-1))],
+                        held_bytes=lambda spec: spec.nbytes * (2 if spec.name in plan.changed else 1))
+        with CheckpointWriter(staging, plan.specs, max_shard_bytes=options.max_shard_bytes, in_order=True,
+                              metadata={"mtool_operation": "adapter-merge"}) as writer:
+            stream_tensors(stream, writer, limits=ADAPTER_MERGE_LIMITS, description="merge adapter")
         copy_support_files(plan.checkpoint.folder, staging, config=True, tokenizer=True)
-        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_json(staging / "config.json", _output_config(plan, options))
         record = Lineage(
             operation="adapter-merge",
             method="dora" if any(item.adapter.use_dora for item in plan.adapters) else "lora",
             parents=parents.result(),
             parameters={
                 "weights": [item.weight for item in plan.adapters],
-                "dtype": None if options.dtype is None else str(options.dtype).removeprefix("torch."),
+                "dtype": None if options.dtype is None else dtype_label(options.dtype),
                 "dequantized_base": None if plan.quant is None else plan.quant.describe(),
                 "untied_embeddings": plan.untied,
             },
-            outputs=digests,
             parameter_count=plan.checkpoint.parameter_count() + (plan.checkpoint.info(plan.sources[HEAD]).numel
                                                                  if plan.untied else 0),
         )
-        write_lineage(staging, record)
-        write_card(staging)
+        finish_output(staging, record, hasher=hasher, digests=writer.digests)
     seconds = time.perf_counter() - started
     return AdapterMergeReport(Path(output), seconds, len(plan.specs), len(plan.changed), plan.untied)
-
-
-def _stream(plan: AdapterMergePlan, folder: Path, options: AdapterMergeOptions) -> dict[str, str]:
-    """Produce every output tensor (a few ahead, in worker threads) and write them in order."""
-    import torch
-
-    return_freed_memory_promptly()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the parallelism is across tensors (two workers), not inside each update
-    try:
-        return _stream_tensors(plan, folder, options)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _stream_tensors(plan: AdapterMergePlan, folder: Path, options: AdapterMergeOptions) -> dict[str, str]:
-    import torch
-
-    total = sum(spec.nbytes for spec in plan.specs)
-    bar = ui.progress(total=total, desc="merge adapter", unit="B", unit_scale=True)
-    with torch.inference_mode(), ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtool-merge") as workers, \
-            CheckpointWriter(folder, plan.specs, max_shard_bytes=options.max_shard_bytes, in_order=True,
-                             metadata={"mtool_operation": "adapter-merge"}) as writer:
-        pending: deque[tuple[TensorSpec, Future]] = deque()
-        upcoming = deque(plan.specs)
-
-        def in_flight(spec: TensorSpec) -> int:
-            """Bytes a tensor holds while it is produced: the base tensor, and the output when it differs."""
-            return spec.nbytes * (2 if spec.name in plan.changed else 1)
-
-        def schedule() -> None:
-            """Start the next tensors while they fit IN_FLIGHT_BYTES (one at least)."""
-            while upcoming and len(pending) < LOOKAHEAD:
-                held = sum(in_flight(spec) for spec, _ in pending)
-                if pending and held + in_flight(upcoming[0]) > IN_FLIGHT_BYTES:
-                    return
-                spec = upcoming.popleft()
-                pending.append((spec, workers.submit(_produce, plan, spec)))
-
-        schedule()
-        while pending:
-            spec, future = pending.popleft()
-            tensor = future.result()
-            schedule()
-            writer.write(spec.name, tensor)
-            bar.update(spec.nbytes)
-            del tensor
-    bar.close()
-    return writer.digests
-
-
-def _describe_parents(plan: AdapterMergePlan) -> list[Parent]:
-    """The lineage parents (sha256 of every weight file read): the base, then each adapter with its weight."""
-    return [describe_parent(plan.base, "base")] + [describe_parent(item.ref, "adapter", weight=item.weight)
-                                                   for item in plan.adapters]

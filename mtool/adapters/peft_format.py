@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtool.adapters.lora import ADAPTER_CONFIG, PEFT_PREFIX
-from mtool.checkpoint import save_tensors
+from mtool.io.writing import save_tensors
+from mtool.lora.adapter import ADAPTER_CONFIG, PEFT_PREFIX
 
 if TYPE_CHECKING:
     import torch
 
+    from mtool.io.hashing import FileHasher
     from mtool.lineage import Lineage
 
 
@@ -114,19 +115,16 @@ def write_adapter(folder: str | Path, factors: list[ModuleFactors], config: dict
 
 
 def save_adapter_folder(output: str | Path, factors: list[ModuleFactors], config: dict[str, Any], record: "Lineage", *,
-                        dtype: "torch.dtype", inputs: list[str | Path], force: bool,
+                        dtype: "torch.dtype", inputs: list[str | Path], force: bool, hasher: "FileHasher",
                         extra: dict[str, "torch.Tensor"] | None = None) -> Path:
-    """Write a complete adapter folder atomically: weights, config, and ``record`` with the output hashes."""
-    from mtool.checkpoint import atomic_output_dir
-    from mtool.lineage import hash_files, write_lineage
-    from mtool.naming.card import write_card
+    """Write a complete adapter folder atomically: weights, config, then ``record`` and the card."""
+    from mtool.io.folders import atomic_output_dir
+    from mtool.naming.finish import finish_output
 
     with atomic_output_dir(output, force=force, inputs=inputs) as staging:
-        files = write_adapter(staging, factors, config, dtype=dtype, extra=extra)
-        record.outputs = hash_files(files)
+        write_adapter(staging, factors, config, dtype=dtype, extra=extra)
         record.parameter_count = sum(f.a.numel() + f.b.numel() for f in factors) + \
             sum(t.numel() for t in (extra or {}).values())
         record.is_adapter = True
-        write_lineage(staging, record)
-        write_card(staging)
+        finish_output(staging, record, hasher=hasher)
     return Path(output)

@@ -1,7 +1,7 @@
 """``mtool adapters resize``: lower a LoRA adapter's rank by truncated SVD of each module's update.
 
 For each module the update ``dW = s * B @ A`` (rank ``r``) is decomposed without forming it (QR of both
-factors, SVD of the r x r core: :func:`~mtool.adapters.lowrank.product_svd`) and truncated to the new rank
+factors, SVD of the r x r core: :func:`~mtool.lora.lowrank.product_svd`) and truncated to the new rank
 ``k = min(R, r)``; the error ``||dW - B' @ A'||_F / ||dW||_F`` is the norm of the dropped singular values. The
 new factors hold the scale (``lora_alpha = r``, so ``s = 1``); a resize to the same rank is lossless.
 Everything that is not a LoRA factor (DoRA magnitudes, ``modules_to_save`` copies, trainable tokens, saved
@@ -14,13 +14,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtool.adapters.lora import load_lora
-from mtool.adapters.lowrank import product_svd, truncation_energy
 from mtool.adapters.peft_format import ModuleFactors, adapter_config, save_adapter_folder
 from mtool.adapters.report import FitReport, ModuleFit
 from mtool.adapters.validate import positive_rank
-from mtool.checkpoint import resolve_model
+from mtool.hub import resolve_model
+from mtool.io.hashing import FileHasher
 from mtool.lineage import Lineage, describe_parent
+from mtool.lora.adapter import load_lora
+from mtool.lora.lowrank import product_svd, truncation_energy
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,12 @@ class ResizeResult:
     report: FitReport
 
 
-def resize_adapter(adapter: str, output: str | os.PathLike, rank: int, *, force: bool = False) -> ResizeResult:
+def resize_adapter(adapter: str, output: str | os.PathLike, rank: int, *, force: bool = False,
+                   hasher: FileHasher | None = None) -> ResizeResult:
     """Write ``adapter`` at rank ``rank`` (modules of lower rank keep theirs) to ``output``."""
     import torch
 
+    hasher = hasher or FileHasher.default()
     positive_rank(rank)
     ref = resolve_model(adapter)
     lora = load_lora(ref.path)
@@ -50,9 +53,10 @@ def resize_adapter(adapter: str, output: str | os.PathLike, rank: int, *, force:
     dtype = lora.checkpoint.info(next(iter(lora.targets.values())).key_a).dtype if lora.targets else torch.float32
     config = adapter_config(factors, target_modules=lora.config.get("target_modules"), base_model=lora.base_model_id,
                             template=lora.config, use_dora=lora.use_dora)
-    record = Lineage(operation="resize", method="svd", parents=[describe_parent(ref, "adapter")],
+    record = Lineage(operation="resize", method="svd", parents=[describe_parent(ref, "adapter", hasher=hasher)],
                      parameters={"rank": rank}, metrics=report.metrics())
-    save_adapter_folder(output, factors, config, record, dtype=dtype, inputs=[ref.path], force=force, extra=extra)
+    save_adapter_folder(output, factors, config, record, dtype=dtype, inputs=[ref.path], force=force, hasher=hasher,
+                        extra=extra)
     return ResizeResult(Path(output), report)
 
 

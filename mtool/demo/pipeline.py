@@ -1,4 +1,5 @@
-"""The demo's steps, each one an ordinary mtool command run in this process and printed as the user would type it.
+"""The demo's steps: each one what an ordinary mtool command does (the same library function, called in this
+process), printed as the user would type the command.
 
     base -> train capitals QLoRA ---> adapters merge -> capitals fine-tune --+--> merge linear / slerp / ties / dare_ties
          -> train symbols QLoRA  ---> adapters merge -> symbols fine-tune  --+
@@ -11,8 +12,6 @@ so lineage records and cards point at the final paths.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shlex
@@ -28,6 +27,7 @@ from mtool.demo.base import BaseSettings, make_demo_base
 from mtool.demo.report import Row
 from mtool.demo.tasks import Task, all_tasks, general_task, skill_tasks, tokenizer_corpus
 from mtool.errors import OutputExistsError
+from mtool.io.hashing import FileHasher
 from mtool.naming.facts import label_from_words
 
 MARKER = "mtool-demo.json"  # marks a folder as a demo output, so --force may replace it
@@ -86,20 +86,6 @@ def prepare_folder(out: Path, *, force: bool) -> Path:
 def _write_marker(out: Path, *, complete: bool, settings: DemoSettings | None = None) -> None:
     data = {"complete": complete, **({"settings": asdict(settings)} if settings is not None else {})}
     (out / MARKER).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-
-
-def run_command(args: list[str]) -> None:
-    """Run ``mtool ARGS`` in this process, its own messages silenced unless -v; a failure exits like the CLI."""
-    from mtool.cli import main
-
-    saved = (ui.VERBOSITY.verbose, ui.VERBOSITY.quiet)
-    verbosity = ["-v"] * saved[0] if saved[0] else ["-q"]
-    printed = contextlib.nullcontext() if saved[0] else contextlib.redirect_stdout(io.StringIO())
-    try:
-        with printed:
-            main.main(args=[*verbosity, *args], prog_name="mtool", standalone_mode=False)
-    finally:
-        ui.VERBOSITY.verbose, ui.VERBOSITY.quiet = saved
 
 
 def name_output(folder: Path, label: str | None) -> Path:
@@ -161,6 +147,7 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(), *,
     steps.run(f"pre-train a tiny base model on {len(general.pairs)} general facts ({settings.base.steps} steps)",
               lambda: make_demo_base(base, tokenizer_corpus([*skills, general]), general, settings.base))
 
+    hasher = FileHasher.default()  # one for the whole run: every input is hashed once
     adapters: dict[str, Path] = {}
     fine_tunes: dict[str, Path] = {}
     for task in skills:
@@ -168,30 +155,34 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(), *,
         config = _write_train_config(recipes / f"train-{task.name}.yaml", base, output,
                                      [files[task.name], files[general.name]], out / "checkpoints" / task.name,
                                      settings)
-        command = ["train", str(config)]
         adapters[task.name] = steps.run(
             f"train a QLoRA adapter on {task.name} ({len(task.pairs)} facts + the general facts replayed)",
-            lambda command=command, output=output, label=label: _write(command, output, label), command)
-        output = out / f"{task.name}-merged"
-        command = ["adapters", "merge", str(base), str(adapters[task.name]), str(output), "--dtype", "float32"]
+            lambda config=config, output=output, label=label: _write(lambda: _train(config, hasher), output, label),
+            ["train", str(config)])
+        adapter, output = adapters[task.name], out / f"{task.name}-merged"
         fine_tunes[task.name] = steps.run(
             f"merge the {task.name} adapter into the base",
-            lambda command=command, output=output, label=label: _write(command, output, label), command)
+            lambda adapter=adapter, output=output, label=label: _write(
+                lambda: _merge_adapter(base, adapter, output, hasher), output, label),
+            ["adapters", "merge", str(base), str(adapter), str(output), "--dtype", "float32"])
 
     both = label_from_words([task.name for task in skills])
     merges: dict[str, Path] = {}
     for method in merge_methods:
         recipe = _write_merge_recipe(recipes / f"merge-{method}.yaml", method, base, fine_tunes, settings)
         output = out / f"merge-{method}"
-        command = ["merge", str(recipe), str(output), "--seed", str(settings.seed)]
-        merges[method] = steps.run(f"merge the two fine-tunes: {method}",
-                                   lambda command=command, output=output: _write(command, output, both), command)
-    skill_names = [task.name for task in skills]
+        merges[method] = steps.run(
+            f"merge the two fine-tunes: {method}",
+            lambda recipe=recipe, output=output: _write(lambda: _merge(recipe, output, settings.seed, hasher),
+                                                        output, both),
+            ["merge", str(recipe), str(output), "--seed", str(settings.seed)])
+    inputs = [adapters[task.name] for task in skills]
+    weights = tuple(0.5 for _ in inputs)
     output = out / "adapters-cat"
-    command = ["adapters", "combine", *(str(adapters[name]) for name in skill_names), str(output),
-               "--method", "cat", "--weights", ",".join(["0.5"] * len(skill_names))]
     combined = steps.run("combine the two adapters in adapter space (cat, weights 0.5 each)",
-                         lambda: _write(command, output, both), command)
+                         lambda: _write(lambda: _combine(inputs, output, weights, hasher), output, both),
+                         ["adapters", "combine", *(str(a) for a in inputs), str(output), "--method", "cat",
+                          "--weights", ",".join(f"{w:g}" for w in weights)])
 
     models = [Row("base", "base", "base", "base", {})]
     models += [Row("fine-tune", f"{name} fine-tune", path.name, path.name, {}) for name, path in fine_tunes.items()]
@@ -213,10 +204,47 @@ def run_demo(out: str | os.PathLike, settings: DemoSettings = DemoSettings(), *,
     return DemoResult(out, rows, task_names, names, steps.seconds)
 
 
-def _write(command: list[str], output: Path, label: str | None) -> Path:
-    """Run a command that writes ``output``; return the folder under its standardized name."""
-    run_command(command)
+def _write(action: Callable[[], object], output: Path, label: str | None) -> Path:
+    """Run a step that writes ``output`` (its own messages silenced unless -v); return the folder under its
+    standardized name."""
+    with ui.quiet_unless_verbose():
+        action()
     return name_output(output, label)
+
+
+def _train(config_file: Path, hasher: FileHasher) -> None:
+    """``mtool train CONFIG_FILE``."""
+    from mtool.train.config import load_config
+    from mtool.train.run import train
+
+    config = load_config(config_file)
+    config.check_trainable()
+    train(config, hasher=hasher)
+
+
+def _merge_adapter(base: Path, adapter: Path, output: Path, hasher: FileHasher) -> None:
+    """``mtool adapters merge BASE ADAPTER OUTPUT --dtype float32``."""
+    import torch
+
+    from mtool.adapters.merge import AdapterMergeOptions, merge_adapters
+
+    merge_adapters(str(base), [str(adapter)], output, AdapterMergeOptions(dtype=torch.float32), hasher=hasher)
+
+
+def _merge(recipe: Path, output: Path, seed: int, hasher: FileHasher) -> None:
+    """``mtool merge RECIPE OUTPUT --seed SEED``."""
+    from mtool.merger.plan import build_plan
+    from mtool.merger.recipe import load_recipe
+    from mtool.merger.run import MergeOptions, execute
+
+    execute(build_plan(load_recipe(recipe)), output, MergeOptions(seed=seed), hasher=hasher)
+
+
+def _combine(adapters: list[Path], output: Path, weights: tuple[float, ...], hasher: FileHasher) -> None:
+    """``mtool adapters combine ADAPTER... OUTPUT --method cat --weights W,...``."""
+    from mtool.adapters.combine import CombineOptions, combine_adapters
+
+    combine_adapters([str(a) for a in adapters], output, CombineOptions(method="cat", weights=weights), hasher=hasher)
 
 
 def _write_train_config(path: Path, base: Path, out: Path, data: list[Path], checkpoints: Path,

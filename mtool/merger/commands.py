@@ -2,32 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import click
 
+from mtool.sizes import BYTE_SIZE
 from mtool.ui import info
-
-if TYPE_CHECKING:
-    import threading
-
-    from mtool.merger.recipe import Recipe
-
-
-def parse_size(text: str) -> int:
-    """``5GB``, ``500MB``, ``2GiB``, ``1000000`` -> bytes."""
-    units = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-             "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
-    cleaned = text.strip().upper().replace(" ", "")
-    number = cleaned.rstrip("KMGTIB")
-    unit = cleaned[len(number):]
-    try:
-        value = float(number)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB") from None
-    if unit not in units or value <= 0:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB or 500MB")
-    return int(value * units[unit])
 
 
 @click.command()
@@ -38,9 +16,10 @@ def parse_size(text: str) -> int:
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the random methods (DARE, DELLA); each tensor draws from its own generator.")
 @click.option("--device", default="cpu", show_default=True, help="Where the math runs: cpu, cuda, cuda:1 ...")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 2GB or 500MB.")
+@click.option("--shard-size", type=BYTE_SIZE, default="5GB", show_default=True,
+              help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--no-card", is_flag=True, help="Do not write README.md (the model card).")
-def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, device: str, shard_size: str,
+def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, device: str, shard_size: int,
           no_card: bool) -> None:
     """Merge models as RECIPE (mergekit YAML, unchanged) says, into the folder OUT.
 
@@ -51,15 +30,17 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
     byte is written; the output appears atomically with its config, tokenizer, lineage record and card.
     """
     from mtool.errors import InputError
-    from mtool.merger.recipe import load_recipe
+    from mtool.io.hashing import FileHasher
+    from mtool.merger.recipe import load_recipe, local_weight_files
 
     if out is None and not dry_run:
         raise click.UsageError("give OUT (the output folder), or --dry-run")
     parsed = load_recipe(recipe)
-    if not dry_run:
-        _start_hashing_inputs(parsed)  # the lineage record needs them: hash while torch loads and the plan is made
+    hasher = FileHasher.default()
+    if not dry_run:  # the lineage record needs the inputs' digests: hash them while torch loads and the plan is made
+        hasher.start(local_weight_files(parsed))
     from mtool.merger.plan import build_plan
-    from mtool.merger.run import MergeOptions, describe_plan, execute
+    from mtool.merger.run import MergeOptions, execute
 
     if device.startswith("cuda"):
         import torch
@@ -68,28 +49,11 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
             raise InputError("--device cuda was asked for but no CUDA GPU is available", fix="use --device cpu")
     plan = build_plan(parsed)
     if dry_run:
+        from mtool.merger.describe import describe_plan
+
         click.echo(describe_plan(plan))
         return
-    options = MergeOptions(seed=seed, device=device, max_shard_bytes=parse_size(shard_size), force=force,
+    options = MergeOptions(seed=seed, device=device, max_shard_bytes=shard_size, force=force,
                            write_card=not no_card)
-    execute(plan, out, options)
+    execute(plan, out, options, hasher=hasher)
     info(f"done: {out}")
-
-
-def _start_hashing_inputs(recipe: "Recipe") -> "threading.Thread | None":
-    """Start hashing the weight files of the recipe's local model folders in the background. Anything that
-    cannot be found is skipped here: planning reports it."""
-    from pathlib import Path
-
-    from mtool.checkpoint import hash_in_background, weight_files_of_folder
-    from mtool.errors import MtoolError
-
-    files = []
-    for reference in recipe.referenced_models():
-        folder = Path(reference.model).expanduser()
-        if folder.is_dir():
-            try:
-                files += weight_files_of_folder(folder)[0]
-            except MtoolError:
-                continue
-    return hash_in_background(files) if files else None

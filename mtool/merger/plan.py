@@ -15,12 +15,16 @@ evaluates both at ``t = 0``; see the README).
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mtool.checkpoint import Checkpoint, ModelRef, open_checkpoint, parse_dtype, resolve_model
+from mtool.chat_templates import resolve_chat_template
 from mtool.errors import ConfigError, InputError
+from mtool.hub import ModelRef, resolve_model
+from mtool.io.dtypes import parse_dtype
+from mtool.io.reading import Checkpoint, open_checkpoint
 from mtool.merger.methods import get_method
 from mtool.merger.methods.base import BasePolicy, MergeMethod, ParameterValue, Scope
 from mtool.merger.params import resolve_parameter
@@ -29,7 +33,7 @@ from mtool.merger.recipe import InputSlice, ModelReference, OutputSlice, Recipe
 if TYPE_CHECKING:
     import torch
 
-    from mtool.adapters.lora import LoraAdapter
+    from mtool.lora.adapter import LoraAdapter
 
 _LAYER_NAME = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
 _PRE_LAYER_HINTS = ("embed", "wte", "wpe", "word_embeddings")
@@ -109,6 +113,10 @@ class TensorPlan:
     layer: int | None = None
     vocabulary: bool = False  # rows follow the tokenizer (embeddings, lm_head)
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
 
 @dataclass
 class MergePlan:
@@ -124,7 +132,7 @@ class MergePlan:
     tokenizer_model: InputModel | None
     base_reference: ModelReference | None
     vocabulary: "object | None" = None  # merger.tokenizer.VocabularyPlan when the tokenizer is merged
-    notes: list[str] = field(default_factory=list)
+    chat_template: str | None = None  # the recipe's chat_template, resolved to its Jinja text
 
     def by_layer(self) -> dict[int | None, list[TensorPlan]]:
         groups: dict[int | None, list[TensorPlan]] = {}
@@ -142,7 +150,7 @@ def load_input(reference: ModelReference) -> InputModel:
     config = checkpoint.read_json("config.json") or {}
     adapter = adapter_ref = None
     if reference.adapter:
-        from mtool.adapters.lora import load_lora
+        from mtool.lora.adapter import load_lora
 
         adapter_ref = resolve_model(reference.adapter)
         adapter = load_lora(adapter_ref.path)
@@ -326,6 +334,9 @@ def build_plan(recipe: Recipe) -> MergePlan:
         from mtool.merger.tokenizer import plan_vocabulary
 
         plan.vocabulary = plan_vocabulary(plan)
+    if recipe.chat_template:
+        plan.chat_template = resolve_chat_template(recipe.chat_template, where="chat_template",
+                                                   auto_from=[m.checkpoint.folder for m in models.values()])
     return plan
 
 

@@ -71,7 +71,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class InputModel(_Strict):
+class ModelEntry(_Strict):
+    """One entry of a recipe's ``models:`` list."""
+
     model: ModelReference
     parameters: dict[str, ParameterSetting] | None = None
 
@@ -124,7 +126,7 @@ class TokenizerSettings(_Strict):
 
 class Recipe(_Strict):
     merge_method: str
-    models: list[InputModel] | None = None
+    models: list[ModelEntry] | None = None
     slices: list[OutputSlice] | None = None
     base_model: ModelReference | None = None
     parameters: dict[str, ParameterSetting] | None = None
@@ -169,6 +171,23 @@ class Recipe(_Strict):
     def canonical(self) -> dict[str, Any]:
         """The recipe as plain data, without unset keys (for the lineage record and the card)."""
         return self.model_dump(mode="json", exclude_none=True)
+
+
+def local_weight_files(recipe: Recipe) -> list[Path]:
+    """The weight files of the recipe's models that are local folders (for hashing them early). Anything that
+    cannot be found or read is skipped here: planning reports it."""
+    from mtool.errors import MtoolError
+    from mtool.io.reading import weight_files_of_folder
+
+    files: list[Path] = []
+    for reference in recipe.referenced_models():
+        folder = Path(reference.model).expanduser()
+        if folder.is_dir():
+            try:
+                files += weight_files_of_folder(folder)[0]
+            except MtoolError:
+                continue
+    return files
 
 
 def _line_of(node: yaml.Node | None, location: tuple) -> int | None:

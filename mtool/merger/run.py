@@ -1,63 +1,43 @@
-"""The streaming executor: read inputs, merge, write each tensor straight into its place.
+"""The merge: a plan streamed through :func:`mtool.stream.stream_tensors`, then the output's config and record.
 
-For each planned output tensor, in plan order: read every input tensor (positioned reads, prefetched a few
-tensors ahead by a small thread pool so disk and math overlap), apply a ``+adapter`` LoRA, round to the
-recipe's ``dtype``, upcast to the compute dtype, align vocabulary rows, run the method, refuse NaN/Inf, cast
-to the output dtype and hand the result to a writer thread. Peak memory is a few tensors, never a model.
+For each planned output tensor, in plan order, the workers read every input (a streamed tensor's plain inputs
+stay on disk and are read chunk by chunk; the others are read now, with a ``+adapter`` LoRA applied and rows
+aligned to the output vocabulary), and the calling thread merges: rounds to the recipe's ``dtype``, upcasts to
+the compute dtype, runs the method, refuses NaN/Inf and casts to the output dtype.
 
-Random methods get one generator per tensor, seeded from ``sha256(f"{seed}:{tensor name}")``, so the bytes
-of the output do not depend on the order tensors are computed in, nor on the device.
+Random methods get one generator per tensor, seeded from ``sha256(f"{seed}:{tensor name}")``
+(:func:`mtool.seeding.tensor_seed`), so the bytes of the output do not depend on the order tensors are computed
+in, nor on the device.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import threading
+import shutil
 import time
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtool import ui
-from mtool.checkpoint import (
-    DEFAULT_SHARD_BYTES,
-    CheckpointWriter,
-    TensorInfo,
-    TensorSpec,
-    atomic_output_dir,
-    copy_support_files,
-    dtype_to_safetensors,
-    read_elements,
-)
-from mtool.errors import ComputeError
-from mtool.lineage import Lineage, Parent, describe_parent, hash_files, write_lineage
-from mtool.memory import reuse_freed_buffers
-from mtool.merger.methods.base import ChunkedTensor, ElementSource, InMemory, MergeTask, hashed_seed
+from mtool.io.dtypes import dtype_label
+from mtool.io.folders import atomic_output_dir, copy_support_files, set_config_dtype, write_json
+from mtool.io.hashing import FileHasher
+from mtool.io.writing import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec
+from mtool.lineage import Lineage, ParentInput, describe_parents_in_background
+from mtool.merger.chunks import ChunkedTensor, ElementSource, InMemory, OnDisk
+from mtool.merger.methods.base import MergeTask
 from mtool.merger.plan import MergePlan, TensorPlan
+from mtool.naming.finish import finish_output
+from mtool.seeding import tensor_seed
+from mtool.stream import Stream, StreamLimits, require_finite, stream_tensors
 
 if TYPE_CHECKING:
     import torch
 
-PREFETCH_TENSORS = 3
-ELEMENTWISE_CHUNK = 1 << 20  # elements: a few such float32 chunks stay in a core's cache
-PREFETCH_BYTES = 128 * 2**20
-PENDING_WRITES = 8  # output parts queued for the writer thread
-
-
-def _input_bytes(tensor: TensorPlan) -> int:
-    """Bytes the inputs of ``tensor`` occupy once read (in their storage dtype)."""
-    count = math.prod(tensor.shape)
-    return sum(count * source.model.checkpoint.info(source.tensor).dtype.itemsize for source in tensor.sources)
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A 63-bit seed for one tensor: the first 8 bytes of sha256("<seed>:<name>")."""
-    return hashed_seed(seed, name) >> 1
+MERGE_LIMITS = StreamLimits()  # three tensors read ahead, 128 MiB at most; chunk buffers reused from the heap
 
 
 @dataclass
@@ -69,32 +49,24 @@ class MergeOptions:
     write_card: bool = True
 
 
-@dataclass(frozen=True)
-class OnDisk:
-    """An :class:`~mtool.merger.methods.base.ElementSource` read slice by slice from its file."""
-
-    info: TensorInfo
-
-    def numel(self) -> int:
-        return self.info.numel
-
-    def elements(self, start: int, count: int) -> "torch.Tensor":
-        return read_elements(self.info, start, count)
+def input_bytes(tensor: TensorPlan) -> int:
+    """Bytes the inputs of ``tensor`` occupy once read (in their storage dtype)."""
+    return sum(tensor.numel * source.model.checkpoint.info(source.tensor).dtype.itemsize for source in tensor.sources)
 
 
-def _streams(plan: MergePlan, tensor: TensorPlan) -> bool:
+def streams(plan: MergePlan, tensor: TensorPlan) -> bool:
     """Whether ``tensor`` is merged chunk by chunk (its inputs then need not be read whole)."""
     pinned = tensor.vocabulary and plan.vocabulary is not None and bool(plan.vocabulary.pinned)
-    return (plan.method.elementwise or plan.method.finish is not None) and not pinned
+    return plan.method.streams and not pinned
 
 
-def _read_inputs(plan: MergePlan, tensor: TensorPlan) -> list[ElementSource]:
+def read_inputs(plan: MergePlan, tensor: TensorPlan) -> list[ElementSource]:
     """The tensor's inputs. Plain inputs of a streamed tensor stay on disk and are read chunk by chunk;
     the others are read now: LoRA applied, rows aligned to the output vocabulary."""
     from mtool.merger.tokenizer import align_rows, base_rows_for
 
     aligning = tensor.vocabulary and plan.vocabulary is not None
-    if _streams(plan, tensor) and not aligning and all(s.model.adapter is None for s in tensor.sources):
+    if streams(plan, tensor) and not aligning and all(s.model.adapter is None for s in tensor.sources):
         return [OnDisk(s.model.checkpoint.info(s.tensor)) for s in tensor.sources]
     values = []
     for source in tensor.sources:
@@ -116,28 +88,32 @@ def _read_inputs(plan: MergePlan, tensor: TensorPlan) -> list[ElementSource]:
     return [InMemory(value) for value in values]
 
 
+def _checked(tensor: TensorPlan, result: "torch.Tensor") -> "torch.Tensor":
+    return require_finite(result, f"tensor {tensor.name!r}", fix="check the inputs for NaN/Inf and the parameters "
+                                                                  "(e.g. weights that sum to 0 with normalize)")
+
+
 def merge_tensor(plan: MergePlan, tensor: TensorPlan, inputs: list[ElementSource], seed: int,
                  device: str = "cpu") -> Iterator[tuple[int, "torch.Tensor"]]:
     """One output tensor, as consecutive parts ``(first flat element, values in the output dtype)``.
 
-    Element-wise methods, and those with ``prepare``/``finish``, run over cache-sized chunks: each chunk of
-    the inputs is read (or sliced), upcast, merged and cast to the output dtype while it is still in cache,
-    so a tensor costs one pass over memory and never exists whole, neither in float32 nor at all. The
+    Streamed methods run over cache-sized chunks: each chunk of the inputs is read (or sliced), upcast, merged
+    and cast to the output dtype while it is still in cache, so a tensor costs one pass over memory and never
+    exists whole, neither in float32 nor at all (a statistics pass, when the method has one, comes first). The
     other methods see whole tensors in the compute dtype.
     """
     import torch
 
     method = plan.method
     per_tensor_seed = tensor_seed(seed, tensor.name) if method.random else None
-    if _streams(plan, tensor):
+    if streams(plan, tensor):
         chunked = ChunkedTensor(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
                                 params=tensor.params, base_index=tensor.base_index,
-                                compute_dtype=plan.compute_dtype, chunk_size=ELEMENTWISE_CHUNK,
-                                seed=per_tensor_seed, device=device, read_dtype=plan.read_dtype)
+                                compute_dtype=plan.compute_dtype, seed=per_tensor_seed, device=device,
+                                read_dtype=plan.read_dtype)
         prepared = method.prepare(chunked) if method.prepare is not None else None
         for start in chunked.starts():
-            task = chunked.chunk(start)
-            merged = method.finish(task, prepared) if method.finish is not None else method.merge(task)
+            merged = method.map_chunk(chunked.task(start), prepared)
             yield start, _checked(tensor, merged).reshape(-1).to("cpu").to(tensor.out_dtype)
         return
     values = [source.elements(0, source.numel()).reshape(tensor.shape).to(device=device, dtype=plan.compute_dtype)
@@ -155,18 +131,9 @@ def merge_tensor(plan: MergePlan, tensor: TensorPlan, inputs: list[ElementSource
     yield 0, result.reshape(-1)
 
 
-def _checked(tensor: TensorPlan, result: "torch.Tensor") -> "torch.Tensor":
-    """Refuse NaN/Inf: one reduction first (any NaN or Inf makes the sum non-finite), the full test only then."""
-    import torch
-
-    if result.is_floating_point() and not torch.isfinite(result.sum()) and not torch.isfinite(result).all():
-        raise ComputeError(f"the merge produced NaN or Inf values in tensor {tensor.name!r}",
-                           fix="check the inputs for NaN/Inf and the parameters (e.g. weights that sum to 0 "
-                               "with normalize)")
-    return result
-
-
-def _output_config(plan: MergePlan) -> dict:
+def output_config(plan: MergePlan) -> dict:
+    """The output's config.json: the config model's, with the layer count, tying, vocabulary and dtype the
+    merge produced."""
     config = dict(plan.config_model.config)
     if "num_hidden_layers" in config or plan.num_layers:
         config["num_hidden_layers"] = plan.num_layers
@@ -177,8 +144,7 @@ def _output_config(plan: MergePlan) -> dict:
         config["vocab_size"] = plan.vocabulary.size
     dtypes = {t.out_dtype for t in plan.tensors if t.out_dtype.is_floating_point}
     if len(dtypes) == 1:
-        config["dtype"] = str(next(iter(dtypes))).removeprefix("torch.")
-        config.pop("torch_dtype", None)
+        set_config_dtype(config, next(iter(dtypes)))
     if "layer_types" in config and isinstance(config["layer_types"], list):
         layer_types = config["layer_types"]
         config["layer_types"] = (layer_types * (plan.num_layers // max(1, len(layer_types)) + 1))[:plan.num_layers]
@@ -186,195 +152,68 @@ def _output_config(plan: MergePlan) -> dict:
 
 
 def _write_support_files(plan: MergePlan, folder: Path) -> None:
-    (folder / "config.json").write_text(json.dumps(_output_config(plan), indent=2) + "\n", encoding="utf-8")
-    copy_support_files(plan.config_model.checkpoint.folder, folder, config=False, tokenizer=False)
+    write_json(folder / "config.json", output_config(plan))
     generation = plan.config_model.checkpoint.folder / "generation_config.json"
     if generation.is_file():
-        (folder / "generation_config.json").write_bytes(generation.read_bytes())
+        shutil.copyfile(generation, folder / "generation_config.json")
     if plan.vocabulary is not None and plan.vocabulary.added_tokens:
         from mtool.merger.tokenizer import write_tokenizer
 
         write_tokenizer(plan, folder)
     elif plan.tokenizer_model is not None:
         copy_support_files(plan.tokenizer_model.checkpoint.folder, folder, config=False, tokenizer=True)
-    template = plan.recipe.chat_template
-    if template:
-        from mtool.merger.chat_templates import resolve_chat_template
-
-        text = resolve_chat_template(template, plan)
-        (folder / "chat_template.jinja").write_text(text, encoding="utf-8")
+    if plan.chat_template is not None:
+        (folder / "chat_template.jinja").write_text(plan.chat_template, encoding="utf-8")
         tokenizer_config = folder / "tokenizer_config.json"
         if tokenizer_config.is_file():
             data = json.loads(tokenizer_config.read_text(encoding="utf-8"))
             data.pop("chat_template", None)
-            tokenizer_config.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+            write_json(tokenizer_config, data)
 
 
-class _ParentHasher:
-    """Describes the parents (sha256 of every weight file) in a background thread during the merge."""
-
-    def __init__(self, plan: MergePlan) -> None:
-        self.plan = plan
-        self.parents: list[Parent] = []
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            for reference, model in self.plan.models.items():
-                role = "base" if reference == self.plan.base_reference else "model"
-                self.parents.append(describe_parent(model.ref, role))
-                if model.adapter_ref is not None:
-                    self.parents.append(describe_parent(model.adapter_ref, "adapter"))
-        except BaseException as error:  # noqa: BLE001 - re-raised in result()
-            self.error = error
-
-    def result(self) -> list[Parent]:
-        self._thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.parents
+def _parents(plan: MergePlan) -> list[ParentInput]:
+    """The record's parents: every model (the base as such), and every ``+adapter`` after its model."""
+    parents = []
+    for reference, model in plan.models.items():
+        parents.append(ParentInput(model.ref, "base" if reference == plan.base_reference else "model"))
+        if model.adapter_ref is not None:
+            parents.append(ParentInput(model.adapter_ref, "adapter"))
+    return parents
 
 
-def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions) -> Path:
-    """Run the plan into the folder ``output`` (atomic: nothing is left behind on failure)."""
-    import torch
-
+def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions, *,
+            hasher: FileHasher | None = None) -> Path:
+    """Run the plan into the folder ``output`` (atomic: nothing is left behind on failure). ``hasher`` hashes the
+    inputs for the lineage record (pass the one that started hashing them early)."""
     output = Path(output)
-    # One thread of math: the other cores read, write and hash in parallel, and small element-wise chunks
-    # do not pay for waking a thread team on every operation.
-    torch.set_num_threads(1)
-    reuse_freed_buffers()
+    hasher = hasher or FileHasher.default()
     inputs = [m.checkpoint.folder for m in plan.models.values()]
     inputs += [m.adapter_ref.path for m in plan.models.values() if m.adapter_ref is not None]
     specs = [TensorSpec(t.name, tuple(t.shape), t.out_dtype) for t in plan.tensors]
-    total_bytes = sum(spec.nbytes for spec in specs)
     started = time.perf_counter()
     with atomic_output_dir(output, force=options.force, inputs=inputs) as staging:
-        hasher = _ParentHasher(plan)
-        metadata = {"mtool_merge_method": plan.method.name}
-        # the writer closes last: the pools first finish (or fail) every read and write they were given
-        with CheckpointWriter(staging, specs, max_shard_bytes=options.max_shard_bytes,
-                              metadata=metadata, in_order=True) as writer, \
-                ThreadPoolExecutor(max_workers=2, thread_name_prefix="mtool-read") as readers, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="mtool-write") as writer_thread:
-            pending_reads: deque[tuple[TensorPlan, Future]] = deque()
-            pending_writes: deque[Future] = deque()
-            upcoming = iter(plan.tensors)
-
-            def schedule() -> None:
-                """Read ahead up to PREFETCH_TENSORS tensors, but no more than PREFETCH_BYTES at once."""
-                while len(pending_reads) < PREFETCH_TENSORS:
-                    if not waiting:
-                        following = next(upcoming, None)
-                        if following is None:
-                            return
-                        waiting.append(following)
-                    pending_bytes = sum(_input_bytes(t) for t, _ in pending_reads)
-                    if pending_reads and pending_bytes + _input_bytes(waiting[0]) > PREFETCH_BYTES:
-                        return
-                    tensor = waiting.pop()
-                    pending_reads.append((tensor, readers.submit(_read_inputs, plan, tensor)))
-
-            waiting: list[TensorPlan] = []
-
-            schedule()
-            bar = ui.progress(total=total_bytes, desc=f"merge ({plan.method.name})", unit="B", unit_scale=True)
-            with torch.inference_mode():
-                while pending_reads:
-                    tensor, future = pending_reads.popleft()
-                    values = future.result()
-                    schedule()
-                    for start, part in merge_tensor(plan, tensor, values, options.seed, options.device):
-                        pending_writes.append(writer_thread.submit(writer.write_part, tensor.name, start, part))
-                        while len(pending_writes) > PENDING_WRITES:
-                            pending_writes.popleft().result()
-                        bar.update(part.numel() * part.element_size())
-                    del values
-                while pending_writes:
-                    pending_writes.popleft().result()
-            bar.close()
-        digests = writer.digests
+        parents = describe_parents_in_background(_parents(plan), hasher)
+        stream = Stream(jobs=plan.tensors, name=lambda tensor: tensor.name,
+                        prepare=lambda tensor: read_inputs(plan, tensor),
+                        produce=lambda tensor, values: merge_tensor(plan, tensor, values, options.seed, options.device),
+                        held_bytes=input_bytes)
+        with CheckpointWriter(staging, specs, max_shard_bytes=options.max_shard_bytes, in_order=True,
+                              metadata={"mtool_merge_method": plan.method.name}) as writer:
+            stream_tensors(stream, writer, limits=MERGE_LIMITS, description=f"merge ({plan.method.name})")
         _write_support_files(plan, staging)
         record = Lineage(
             operation="merge",
             method=plan.method.name,
-            parents=hasher.result(),
+            parents=parents.result(),
             recipe=plan.recipe.canonical(),
             parameters={"dtype": plan.recipe.dtype, "out_dtype": plan.recipe.out_dtype,
-                        "compute_dtype": str(plan.compute_dtype).removeprefix("torch."),
+                        "compute_dtype": dtype_label(plan.compute_dtype),
                         "num_hidden_layers": plan.num_layers},
             seed=options.seed if plan.method.random else None,
-            outputs={**hash_files(f for f in sorted(staging.glob("*.safetensors")) if f.name not in digests),
-                     **digests},
             parameter_count=sum(spec.numel for spec in specs),
         )
-        write_lineage(staging, record)
-        if options.write_card:
-            _card(staging)
+        finish_output(staging, record, hasher=hasher, digests=writer.digests, card=options.write_card)
+    total_bytes = sum(spec.nbytes for spec in specs)
     elapsed = time.perf_counter() - started
     ui.info(f"wrote {output} ({total_bytes / 1e9:.2f} GB, {len(specs)} tensors) in {elapsed:.1f} s")
     return output
-
-
-def _card(folder: Path) -> None:
-    """Write the model card (README.md) derived from the folder's lineage record."""
-    from mtool.naming.card import write_card
-
-    write_card(folder)
-
-
-def tensor_working_bytes(plan: MergePlan, tensor: TensorPlan) -> int:
-    """Memory the executor needs for ``tensor`` beyond the interpreter itself.
-
-    Streamed from disk: a chunk of every input in the compute dtype plus a few chunk-sized temporaries and the
-    parts queued for the writer; TIES adds one model's magnitudes of the whole tensor (and about as much for
-    selecting its threshold), DARE its keep masks (one byte an entry and model). Read whole: every input in
-    its storage dtype and in the compute dtype, about three tensors of scratch, and the output."""
-    count = math.prod(tensor.shape)
-    compute = plan.compute_dtype.itemsize
-    inputs = len(tensor.sources)
-    out = tensor.out_dtype.itemsize
-    if _streams(plan, tensor) and not (tensor.vocabulary and plan.vocabulary is not None):
-        chunk = min(count, ELEMENTWISE_CHUNK)
-        working = chunk * compute * (inputs + 6) + PENDING_WRITES * chunk * out
-        if plan.method.prepare is not None and plan.method.name not in ("slerp",):
-            working += 3 * count * compute + count * (inputs - 1)
-        return working
-    storage = sum(s.model.checkpoint.info(s.tensor).dtype.itemsize for s in tensor.sources)
-    return count * (storage + compute * (inputs + 3) + out)
-
-
-def estimate_peak_bytes(plan: MergePlan) -> int:
-    """Upper estimate of the executor's working memory: the largest tensor's working memory plus what is read
-    ahead for the next ones (at most PREFETCH_BYTES)."""
-    if not plan.tensors:
-        return 0
-    return max(tensor_working_bytes(plan, t) for t in plan.tensors) + PREFETCH_BYTES
-
-
-def describe_plan(plan: MergePlan) -> str:
-    """The plan as text for ``--dry-run``: outputs grouped by layer, their sources and parameters."""
-    lines = [f"merge method: {plan.method.name}; {len(plan.tensors)} output tensors, {plan.num_layers} layers; "
-             f"compute {str(plan.compute_dtype).removeprefix('torch.')}"]
-    for layer, tensors in plan.by_layer().items():
-        lines.append(f"\n{'embeddings / head / final norm' if layer is None else f'layer {layer}'}:")
-        for tensor in tensors:
-            sources = ", ".join(f"{s.model.label}:{s.tensor}" for s in tensor.sources)
-            params = dict(tensor.params)
-            per_model = [p for p in tensor.model_params if p]
-            text = f"  {tensor.name} {list(tensor.shape)} {dtype_to_safetensors(tensor.out_dtype)} <- {sources}"
-            if params:
-                text += f" | {', '.join(f'{k}={_fmt(v)}' for k, v in params.items())}"
-            if per_model:
-                text += " | " + "; ".join(", ".join(f"{k}={_fmt(v)}" for k, v in p.items()) for p in per_model)
-            lines.append(text)
-    total = sum(math.prod(t.shape) * t.out_dtype.itemsize for t in plan.tensors)
-    lines.append(f"\noutput size {total / 1e9:.3f} GB; estimated peak working memory (beyond Python and torch) "
-                 f"{estimate_peak_bytes(plan) / 2**20:.0f} MiB")
-    return "\n".join(lines)
-
-
-def _fmt(value: object) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

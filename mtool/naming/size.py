@@ -129,7 +129,7 @@ def is_expert_tensor(name: str) -> bool:
 def count_parameters(folder: str | Path, config: dict | None = None) -> ParameterCount:
     """Count the parameters in a model folder's weight headers (nothing is loaded), separating the experts
     of a mixture (``config`` gives their number; read from ``folder/config.json`` when not given)."""
-    from mtool.checkpoint import open_checkpoint
+    from mtool.io.reading import open_checkpoint
 
     checkpoint = open_checkpoint(folder)
     if config is None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from mtool.sizes import BYTE_SIZE
 from mtool.ui import info
 
 # flag (Click parameter name) -> config key it overrides
@@ -111,25 +112,25 @@ def train(config_file: str | None, resume: bool, force: bool, **flags: Any) -> N
 
 @click.command()
 @config_options
-@click.option("--gpu-memory", help="Judge the fit against this much memory (e.g. 8GiB, 24GB) instead of the "
-                                   "detected GPU.")
+@click.option("--gpu-memory", type=BYTE_SIZE, help="Judge the fit against this much memory (e.g. 8GiB, 24GB) "
+                                                    "instead of the detected GPU.")
 @click.option("--device", "device_type", type=click.Choice(["cuda", "cpu"]),
               help="Estimate for this device (default: cuda, unless training would run on CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
-def estimate(config_file: str | None, gpu_memory: str | None, device_type: str | None, as_json: bool,
+def estimate(config_file: str | None, gpu_memory: int | None, device_type: str | None, as_json: bool,
              **flags: Any) -> None:
     """Predict the peak memory of a training run and whether it fits the GPU.
 
     Reads only the base model's config.json. Breaks the peak down into weights, LoRA, optimizer states,
     activations and logits, and when it does not fit, lists the settings that make it fit.
     """
-    from mtool.checkpoint import resolve_model
-    from mtool.merger.commands import parse_size
-    from mtool.train.estimate import detected_gpu_memory, estimate_for_config, fit_report, suggestions
+    from mtool.hub import resolve_model
+    from mtool.train.estimate import estimate_for_config
+    from mtool.train.fit import detected_gpu_memory, fit_report, suggestions
 
     config = resolve_config(config_file, flags)
     base = resolve_model(config.base, config.model.revision)
-    capacity = parse_size(gpu_memory) if gpu_memory else detected_gpu_memory()
+    capacity = gpu_memory if gpu_memory else detected_gpu_memory()
     kind = device_type or ("cuda" if capacity is not None else "cpu")
     result = estimate_for_config(config, base.path, device_type=kind)
     if as_json:
@@ -137,7 +138,7 @@ def estimate(config_file: str | None, gpu_memory: str | None, device_type: str |
         data: dict[str, Any] = {"bytes": parts, "total_bytes": result.estimate.total, "device": kind,
                                 "capacity_bytes": capacity}
         if capacity is not None:
-            from mtool.train.estimate import usable_bytes
+            from mtool.train.fit import usable_bytes
 
             data["fits"] = result.estimate.total <= usable_bytes(capacity)
             data["suggestions"] = [{"change": s.change, "total_bytes": s.total}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtool.errors import InputError
+from mtool.io.hashing import FileHasher
 from mtool.train.formats import ChatRenderer, Rendered, render_record
 
 if TYPE_CHECKING:
@@ -40,12 +41,9 @@ class DataSource:
     files: tuple[Path, ...]  # every file read, for hashing
     saved_folders: tuple[Path, ...] = ()
 
-    @property
-    def sha256(self) -> str:
+    def sha256(self, hasher: FileHasher) -> str:
         """sha256 of one file, or of the lines ``<sha256>  <name>`` of several (in order)."""
-        from mtool.checkpoint import file_sha256
-
-        digests = [(file_sha256(f), f.name) for f in self.files]
+        digests = [(hasher.sha256(f), f.name) for f in self.files]
         if len(digests) == 1:
             return digests[0][0]
         return hashlib.sha256("".join(f"{d}  {n}\n" for d, n in digests).encode()).hexdigest()

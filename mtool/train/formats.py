@@ -22,9 +22,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from mtool import chat_templates
+from mtool.chat_templates import BUILTIN_TEMPLATES
 from mtool.errors import ConfigError, InputError
 
 FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -72,37 +73,21 @@ def check_columns(data_format: str, columns: Sequence[str], where: str) -> None:
 # Chat templates
 
 
-def builtin_templates() -> dict[str, str]:
-    from mtool.merger.chat_templates import BUILTIN_TEMPLATES
-
-    return BUILTIN_TEMPLATES
-
-
 def resolve_chat_template(value: str | None, tokenizer_template: str | None, data_format: str) -> str | None:
     """The Jinja template used to render conversations.
 
-    ``value`` (``data.chat_template``): a built-in name, a path to a ``.jinja`` file, or Jinja text. Without
-    one, the tokenizer's own template; a tokenizer without one gets the built-in ``alpaca`` template for
-    alpaca data, and chat data is refused (no way to guess the format the model should learn).
+    ``value`` (``data.chat_template``): a built-in name, a path to a ``.jinja`` file, or Jinja text
+    (:func:`mtool.chat_templates.resolve_chat_template`). Without one, the tokenizer's own template; a tokenizer
+    without one gets the built-in ``alpaca`` template for alpaca data, and chat data is refused when it is
+    rendered (no way to guess the format the model should learn).
     """
-    templates = builtin_templates()
     if value:
-        if value in templates:
-            return templates[value]
-        if "{{" in value or "{%" in value:
-            return value
-        path = Path(value).expanduser()
-        if path.is_file():
-            return path.read_text(encoding="utf-8")
-        raise ConfigError(f"data.chat_template: {value!r} is neither a built-in template, a file nor Jinja text",
-                          fix=f"use one of {', '.join(templates)}, a path to a .jinja file, or a template")
+        return chat_templates.resolve_chat_template(value, where="data.chat_template", files=True)
     if tokenizer_template:
         return tokenizer_template
     if data_format == "alpaca":
-        return templates["alpaca"]
-    if data_format in ("chat", "prompt_completion"):
-        return None  # decided per example: only conversational prompt/completion data needs one
-    return None
+        return BUILTIN_TEMPLATES["alpaca"]
+    return None  # chat and prompt/completion data: decided per example (only conversations need one)
 
 
 def template_markers(template: str) -> list[str]:
@@ -121,7 +106,7 @@ class ChatRenderer:
         if self.template is None:
             raise InputError("the data holds conversations but the tokenizer has no chat template",
                              where="data.chat_template",
-                             fix=f"name one: data.chat_template = {' | '.join(builtin_templates())}")
+                             fix=f"name one: data.chat_template = {' | '.join(BUILTIN_TEMPLATES)}")
         from jinja2 import TemplateError
 
         try:

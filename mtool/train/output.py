@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mtool.checkpoint import ModelRef, atomic_output_dir
-from mtool.lineage import Dataset, Lineage, describe_parent, hash_files, write_lineage
+from mtool.hub import ModelRef
+from mtool.io.folders import atomic_output_dir
+from mtool.io.hashing import FileHasher
+from mtool.lineage import Dataset, Lineage, describe_parent
+from mtool.naming.finish import finish_output
 from mtool.train.config import CONFIG_FILENAME, TrainConfig
-from mtool.train.data import DataSource, DataStats
+from mtool.train.data import DataStats
 from mtool.train.metrics import MetricsLog, plot_losses
 
 
@@ -22,7 +24,7 @@ class OutputFacts:
 
     config: TrainConfig
     base: ModelRef
-    data_source: DataSource
+    data_sha256: str
     data_format: str
     stats: DataStats
     added_tokens: list[str]
@@ -36,7 +38,7 @@ class OutputFacts:
 
 
 def write_output(out: Path, model: Any, tokenizer: Any, facts: OutputFacts, metrics: dict[str, Any],
-                 metrics_log: MetricsLog, *, force: bool) -> Path:
+                 metrics_log: MetricsLog, *, force: bool, hasher: FileHasher) -> Path:
     """Write the adapter folder atomically (nothing appears at ``out`` unless all of it was written)."""
     config = facts.config
     with atomic_output_dir(out, force=force, inputs=[facts.base.path]) as staging:
@@ -46,9 +48,7 @@ def write_output(out: Path, model: Any, tokenizer: Any, facts: OutputFacts, metr
         (staging / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
         shutil.copyfile(metrics_log.path, staging / "metrics.jsonl")
         plot_losses(metrics_log.rows(), staging / "loss.png", title=f"{Path(config.base).name} - {config.method}")
-        record = lineage_record(facts, model, metrics, staging)
-        write_lineage(staging, record)
-        _write_card(staging)
+        finish_output(staging, lineage_record(facts, model, metrics, hasher), hasher=hasher)
     return out
 
 
@@ -62,7 +62,8 @@ def _point_adapter_at_base(folder: Path, base: ModelRef) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def lineage_record(facts: OutputFacts, model: Any, metrics: dict[str, Any], folder: Path) -> Lineage:
+def lineage_record(facts: OutputFacts, model: Any, metrics: dict[str, Any], hasher: FileHasher) -> Lineage:
+    """The record of a training run (its ``outputs`` are filled in by :func:`finish_output`)."""
     config = facts.config
     peft_config = model.peft_config["default"]
     targets = peft_config.target_modules
@@ -84,29 +85,19 @@ def lineage_record(facts: OutputFacts, model: Any, metrics: dict[str, Any], fold
         "trainable_parameters": trainable,
         "data_format": facts.data_format,
     }
-    dataset = Dataset(id=", ".join(config.data.path), sha256=facts.data_source.sha256, examples=facts.stats.examples,
+    dataset = Dataset(id=", ".join(config.data.path), sha256=facts.data_sha256, examples=facts.stats.examples,
                       format=facts.data_format, train_examples=facts.train_examples,
                       eval_examples=facts.eval_examples, tokens=facts.stats.tokens,
                       trained_tokens=facts.stats.trained_tokens, truncated=facts.stats.truncated,
                       dropped=facts.stats.dropped)
-    return Lineage(operation="train", method=config.method, parents=[describe_parent(facts.base, "base")],
-                   recipe=config.as_dict(), parameters=parameters, seed=config.seed, dataset=dataset,
-                   outputs=hash_files(sorted(folder.glob("*.safetensors"))), parameter_count=trainable,
-                   metrics=metrics, is_adapter=True)
+    return Lineage(operation="train", method=config.method,
+                   parents=[describe_parent(facts.base, "base", hasher=hasher)], recipe=config.as_dict(), parameters=parameters, seed=config.seed, dataset=dataset,
+                   parameter_count=trainable, metrics=metrics, is_adapter=True)
 
 
-def _write_card(folder: Path) -> None:
-    """The model card, when the naming part of mtool is installed (it reads the lineage just written)."""
-    if importlib.util.find_spec("mtool.naming.card") is None:
-        return
-    from mtool.naming.card import write_card
-
-    write_card(folder)
-
-
-def merge_into_base(base: ModelRef, adapter: Path, output: Path, *, force: bool) -> Path:
-    """The full model with the adapter folded into the original (16-bit) base, via ``mtool adapters merge``."""
+def merge_into_base(base: ModelRef, adapter: Path, output: Path, *, force: bool, hasher: FileHasher) -> Path:
+    """The full model with the adapter folded into the original (16-bit) base, as ``mtool adapters merge`` does."""
     from mtool.adapters.merge import AdapterMergeOptions, merge_adapters
 
     reference = base.id if base.is_hub else str(base.path)
-    return merge_adapters(reference, [str(adapter)], output, AdapterMergeOptions(force=force)).output
+    return merge_adapters(reference, [str(adapter)], output, AdapterMergeOptions(force=force), hasher=hasher).output

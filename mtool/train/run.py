@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtool import ui
-from mtool.checkpoint import ModelRef, check_output_target, resolve_model
 from mtool.errors import CheckpointError, ConfigError, InputError, OutputExistsError
+from mtool.hub import ModelRef, resolve_model
+from mtool.io.dtypes import dtype_label
+from mtool.io.folders import check_output_target
+from mtool.io.hashing import FileHasher
 from mtool.train.config import CONFIG_FILENAME, TrainConfig, read_config_file, resume_differences, validate_config
 from mtool.train.data import (
     DataSource,
@@ -42,6 +45,7 @@ class PreparedData:
     """The tokenized training (and evaluation) examples and where they came from."""
 
     source: DataSource
+    sha256: str  # of the training data files (see DataSource.sha256)
     data_format: str
     template: str | None
     added_tokens: list[str]
@@ -57,16 +61,18 @@ class TrainResult:
     merged: Path | None
 
 
-def train(config: TrainConfig, *, resume: bool = False, force: bool = False) -> TrainResult | None:
+def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
+          hasher: FileHasher | None = None) -> TrainResult | None:
     """Train as ``config`` says; the main process returns the result, the others None."""
     processes = join_processes()
     try:
-        return _train(config, processes, resume=resume, force=force)
+        return _train(config, processes, resume=resume, force=force, hasher=hasher or FileHasher.default())
     finally:
         leave_processes(processes)
 
 
-def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bool) -> TrainResult | None:
+def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bool,
+           hasher: FileHasher) -> TrainResult | None:
     base = resolve_model(config.base, config.model.revision)
     out = Path(config.out)
     inputs = [base.path, *config.data.path, *config.data.eval_path]
@@ -82,7 +88,7 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
     tokenizer = load_tokenizer(str(base.path), trust_remote_code=config.model.trust_remote_code)
     if not processes.is_main:
         barrier(processes)  # the main process tokenizes first; the others then read its cache
-    data = prepare_data(config, tokenizer)
+    data = prepare_data(config, tokenizer, hasher=hasher)
     if processes.is_main:
         barrier(processes)
         _report_data(config, data)
@@ -97,18 +103,19 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
     if processes.is_main:
         from mtool.train.output import OutputFacts, write_output
 
-        facts = OutputFacts(config=config, base=base, data_source=data.source, data_format=data.data_format,
+        facts = OutputFacts(config=config, base=base, data_sha256=data.sha256, data_format=data.data_format,
                             stats=data.stats, added_tokens=data.added_tokens, total_steps=loop.total_steps,
                             warmup_steps=loop.warmup_steps, world_size=processes.world_size,
-                            compute_dtype=str(loop.compute_dtype).removeprefix("torch."), liger=liger,
+                            compute_dtype=dtype_label(loop.compute_dtype), liger=liger,
                             train_examples=len(data.train), eval_examples=len(data.eval) if data.eval else 0)
-        folder = write_output(out, unwrap(loop.model), tokenizer, facts, final_metrics, loop.metrics, force=force)
+        folder = write_output(out, unwrap(loop.model), tokenizer, facts, final_metrics, loop.metrics, force=force,
+                              hasher=hasher)
         ui.info(f"adapter written to {folder}")
         merged = None
         if config.merge:
             from mtool.train.output import merge_into_base
 
-            merged = merge_into_base(base, folder, config.merged_dir, force=force)
+            merged = merge_into_base(base, folder, config.merged_dir, force=force, hasher=hasher)
             ui.info(f"merged model written to {merged}")
         result = TrainResult(folder, final_metrics, merged)
     barrier(processes)
@@ -192,10 +199,12 @@ def _checkpoint_to_resume(config: TrainConfig, *, resume: bool, force: bool, pro
     return newest
 
 
-def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
-    """Read, render and tokenize the training data (and the evaluation data or split)."""
+def prepare_data(config: TrainConfig, tokenizer: Any, *, hasher: FileHasher | None = None) -> PreparedData:
+    """Read, render and tokenize the training data (and the evaluation data or split); ``hasher`` hashes the
+    data files for the cache fingerprint and the lineage record."""
     from mtool.train.tokenizer import prepare_tokenizer
 
+    hasher = hasher or FileHasher.default()
     settings = config.data
     source = find_data(settings.path)
     records = load_records(source, split=settings.split)
@@ -210,15 +219,16 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
     setup = prepare_tokenizer(tokenizer, chat_template=settings.chat_template, data_format=data_format,
                               add_tokens=settings.add_tokens)
 
-    def tokenized(dataset: "datasets.Dataset", source_of: DataSource, label: str):
-        fingerprint = data_fingerprint(source_of.sha256, label, data_format, setup.template, settings.seq_len,
+    def tokenized(dataset: "datasets.Dataset", digest: str, label: str):
+        fingerprint = data_fingerprint(digest, label, data_format, setup.template, settings.seq_len,
                                        settings.train_on_prompt, settings.max_examples,
                                        tokenizer.backend_tokenizer.to_str())
         return tokenize_dataset(dataset, tokenizer, data_format=data_format, template=setup.template,
                                 seq_len=settings.seq_len, train_on_prompt=settings.train_on_prompt,
                                 fingerprint=fingerprint, where=label)
 
-    train_data = tokenized(records, source, where)
+    digest = source.sha256(hasher)
+    train_data = tokenized(records, digest, where)
     if train_data.stats.kept == 0:
         raise_no_trainable(train_data.stats, where)
     eval_data = None
@@ -226,10 +236,10 @@ def prepare_data(config: TrainConfig, tokenizer: Any) -> PreparedData:
     if settings.eval_path:
         eval_source = find_data(settings.eval_path, key="data.eval_path")
         eval_records = load_records(eval_source, split=settings.split, key="data.eval_path")
-        eval_data = tokenized(eval_records, eval_source, ", ".join(settings.eval_path)).dataset
+        eval_data = tokenized(eval_records, eval_source.sha256(hasher), ", ".join(settings.eval_path)).dataset
     elif settings.eval_fraction > 0:
         train_set, eval_data = split_for_eval(train_data, settings.eval_fraction, config.seed)
-    return PreparedData(source, data_format, setup.template, setup.added_tokens, train_set, eval_data,
+    return PreparedData(source, digest, data_format, setup.template, setup.added_tokens, train_set, eval_data,
                         train_data.stats)
 
 
@@ -253,7 +263,8 @@ def _report_data(config: TrainConfig, data: PreparedData) -> None:
 
 def _preflight(config: TrainConfig, base: ModelRef, processes: Processes) -> None:
     """Print the memory estimate; warn when it will not fit the GPU."""
-    from mtool.train.estimate import detected_gpu_memory, estimate_for_config, fit_report
+    from mtool.train.estimate import estimate_for_config
+    from mtool.train.fit import detected_gpu_memory, fit_report
 
     estimate = estimate_for_config(config, base.path, device=processes.device)
     capacity = detected_gpu_memory(processes.device)

@@ -122,7 +122,8 @@ def _restore_tuples(saved_groups: list[dict[str, Any]], current_groups: list[dic
 def save_checkpoint(folder: Path, *, model: Any, optimizer: "torch.optim.Optimizer", progress: Progress,
                     config_yaml: str) -> Path:
     """Write a checkpoint folder atomically (see the module docstring); ``model`` is the PEFT model."""
-    from mtool.checkpoint import atomic_output_dir, save_tensors
+    from mtool.io.folders import atomic_output_dir
+    from mtool.io.writing import save_tensors
 
     with atomic_output_dir(folder, force=True) as staging:
         model.save_pretrained(staging)

@@ -16,7 +16,6 @@ from mtool import ui
 from mtool.errors import InputError
 from mtool.train.formats import resolve_chat_template, template_markers
 
-
 CONVERSATIONAL_FORMATS = ("chat", "alpaca", "prompt_completion")  # formats rendered with the chat template
 
 

@@ -18,16 +18,13 @@ casts them to the compute dtype and calls ``method.merge(task)``.
 from __future__ import annotations
 
 import enum
-import math
-import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Union
 
 from mtool.errors import ComputeError, ConfigError
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
 
 ParameterValue = Union[float, int, bool, None]
@@ -133,125 +130,126 @@ class MergeTask:
         return [(t, p) for i, (t, p) in enumerate(zip(self.inputs, self.model_params)) if i != self.base_index]
 
 
-RANDOM_BLOCK = 1 << 16  # entries drawn from one generator: randomness is fixed per block of positions
+class Chunk(Protocol):
+    """One chunk of an output tensor, as the executor hands it to a method: ``offset`` is its first element in
+    the flattened tensor."""
+
+    offset: int
+
+    def input(self, index: int) -> "torch.Tensor":
+        """Input ``index``'s elements of this chunk, flat, in the compute dtype (read when asked for; possibly a
+        view of an input in memory: never modify it in place)."""
+        ...
+
+    def task(self) -> MergeTask:
+        """Every input's elements of this chunk as a :class:`MergeTask` (with this chunk's ``offset``)."""
+        ...
 
 
-def hashed_seed(*parts: object) -> int:
-    """A 64-bit seed named by ``parts``: the first 8 bytes (little-endian) of sha256 of ``"p1:p2:..."``."""
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
-
-
-def position_keep_mask(seed: int, member: int, offset: int, count: int, density: float) -> "torch.Tensor":
-    """Bernoulli(``density``) keep masks: 1 (uint8) where a position's uniform draw ``u`` is below ``density``
-    (rounded to float32), for the flattened positions ``offset .. offset + count`` of one input.
-
-    Each block of ``RANDOM_BLOCK`` positions has its own generator seeded from (seed, member, block), so
-    the draw of a position does not depend on how a tensor is split into chunks, nor on the device. The
-    generator is numpy's PCG64 (on the CPU, whatever the device). A position's draw is numpy's float32 uniform
-    ``u = (x >> 8) / 2^24`` of its 32-bit output ``x`` (the low, then the high half of each 64-bit output);
-    ``u < d`` exactly when ``x < 256 * ceil(d * 2^24)``, which is what is compared, on the raw outputs.
-    """
-    import numpy as np
-    import torch
-
-    limit = 256 * math.ceil(float(np.float32(density)) * 2**24)
-    out = np.empty(count, dtype=np.bool_)
-    if limit <= 0 or limit >= 2**32:
-        out.fill(limit > 0)
-        return torch.from_numpy(out.view(np.uint8))
-    position = offset
-    while position < offset + count:
-        block = position // RANDOM_BLOCK
-        start = position - block * RANDOM_BLOCK
-        take = min(RANDOM_BLOCK - start, offset + count - position)
-        generator = np.random.PCG64(hashed_seed(seed, member, block))
-        generator.advance(start // 2)
-        skip = start % 2  # an odd start begins with the high half of a 64-bit output
-        draws = _low_then_high_halves(generator.random_raw((skip + take + 1) // 2))[skip:skip + take]
-        np.less(draws, limit, out=out[position - offset:position - offset + take])
-        position += take
-    return torch.from_numpy(out.view(np.uint8))
-
-
-def _low_then_high_halves(outputs: "np.ndarray") -> "np.ndarray":
-    """The 32-bit draws of 64-bit generator outputs, in the generator's order: low half, then high half."""
-    import numpy as np
-
-    if sys.byteorder == "little":
-        return outputs.view(np.uint32)
-    return np.stack([outputs & 0xFFFFFFFF, outputs >> 32], axis=1).astype(np.uint32).reshape(-1)
-
-
-class ElementSource(Protocol):
-    """An input tensor that hands out slices of its flattened elements (in memory, or read from disk)."""
-
-    def numel(self) -> int: ...
-
-    def elements(self, start: int, count: int) -> "torch.Tensor": ...
-
-
-@dataclass(frozen=True)
-class InMemory:
-    """An :class:`ElementSource` over a tensor already in memory."""
-
-    tensor: "torch.Tensor"
-
-    def numel(self) -> int:
-        return self.tensor.numel()
-
-    def elements(self, start: int, count: int) -> "torch.Tensor":
-        return self.tensor.reshape(-1)[start:start + count]
-
-
-@dataclass(frozen=True)
-class ChunkedTensor:
-    """One output tensor's inputs, kept in their storage dtype (or on disk), handed out in chunks of the
-    flattened tensor.
-
-    :meth:`chunk` takes one slice of every input, rounds it to ``read_dtype`` when given, upcasts it to the
-    compute dtype (on ``device``) and wraps it in a :class:`MergeTask` whose ``offset`` says where it starts.
-    """
+class TensorChunks(Protocol):
+    """One output tensor as a method's statistics pass sees it: its parameters, and its chunks in order. How large
+    the chunks are, and where their elements come from, is the executor's business."""
 
     name: str
-    inputs: list[ElementSource]
     model_params: list[dict[str, ParameterValue]]
     params: dict[str, ParameterValue]
     base_index: int | None
     compute_dtype: "torch.dtype"
-    chunk_size: int
-    seed: int | None = None
-    device: str = "cpu"
-    read_dtype: "torch.dtype | None" = None
+    seed: int | None
+    device: str
+
+    @property
+    def numel(self) -> int: ...
+
+    @property
+    def input_count(self) -> int: ...
+
+    def chunks(self) -> Iterator[Chunk]: ...
+
+
+@dataclass(frozen=True)
+class _WholeChunk:
+    whole: "WholeTensor"
+    offset: int = 0
+
+    def input(self, index: int) -> "torch.Tensor":
+        return self.whole.task.inputs[index].reshape(-1)
+
+    def task(self) -> MergeTask:
+        task = self.whole.task
+        return MergeTask(name=task.name, inputs=[t.reshape(-1) for t in task.inputs], model_params=task.model_params,
+                         params=task.params, base_index=task.base_index, seed=task.seed, offset=0)
+
+
+@dataclass(frozen=True)
+class WholeTensor:
+    """A :class:`TensorChunks` of one chunk: a task whose inputs are whole tensors already in memory."""
+
+    task: MergeTask
+
+    @property
+    def name(self) -> str:
+        return self.task.name
+
+    @property
+    def model_params(self) -> list[dict[str, ParameterValue]]:
+        return self.task.model_params
+
+    @property
+    def params(self) -> dict[str, ParameterValue]:
+        return self.task.params
+
+    @property
+    def base_index(self) -> int | None:
+        return self.task.base_index
+
+    @property
+    def seed(self) -> int | None:
+        return self.task.seed
+
+    @property
+    def compute_dtype(self) -> "torch.dtype":
+        return self.task.inputs[0].dtype
+
+    @property
+    def device(self) -> str:
+        return str(self.task.inputs[0].device)
 
     @property
     def numel(self) -> int:
-        return self.inputs[0].numel()
+        return self.task.inputs[0].numel()
 
-    def starts(self) -> range:
-        return range(0, self.numel, self.chunk_size)
+    @property
+    def input_count(self) -> int:
+        return len(self.task.inputs)
 
-    def piece(self, index: int, start: int) -> "torch.Tensor":
-        """The chunk starting at ``start`` of input ``index`` alone, in the compute dtype (possibly a view of an
-        in-memory input: never modify it in place)."""
-        piece = self.inputs[index].elements(start, min(self.chunk_size, self.numel - start))
-        if self.read_dtype is not None and piece.dtype != self.read_dtype:
-            piece = piece.to(self.read_dtype)
-        return piece.to(device=self.device, dtype=self.compute_dtype)
+    def chunks(self) -> Iterator[Chunk]:
+        yield _WholeChunk(self)
 
-    def chunk(self, start: int) -> MergeTask:
-        pieces = [self.piece(index, start) for index in range(len(self.inputs))]
-        return MergeTask(name=self.name, inputs=pieces, model_params=self.model_params, params=self.params,
-                         base_index=self.base_index, seed=self.seed, offset=start)
+
+def no_scratch(numel: int, inputs: int, compute_itemsize: int) -> int:
+    """Scratch memory of a method whose statistics pass keeps nothing of the tensor's size."""
+    return 0
 
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A named merge method: its declaration and the function that computes one tensor."""
+    """A named merge method: its declaration and how it computes one output tensor.
+
+    How the executor may run it, from the cheapest:
+
+    * ``elementwise``: each output entry depends only on the same entry of the inputs, so ``function`` maps any
+      chunk of the tensor (linear, task arithmetic's relatives with no sparsification, NearSwap, passthrough);
+    * ``prepare`` + ``finish``: a statistics pass over the tensor's chunks (``prepare``: SLERP's norms and dot
+      product, TIES' magnitude thresholds, DARE's keep masks and rescale factors) whose result lets ``finish``
+      map each chunk; ``prepare_scratch(numel, inputs, compute itemsize)`` is the memory that pass holds beyond
+      the chunks (for the executor's memory estimate). Such a method needs no ``function``: :meth:`merge` of a
+      whole tensor runs the same two steps on one chunk;
+    * otherwise ``function`` sees whole tensors.
+    """
 
     name: str
-    function: Callable[[MergeTask], "torch.Tensor"]
+    function: Callable[[MergeTask], "torch.Tensor"] | None = None
     parameters: tuple[ParameterSpec, ...] = ()
     base: BasePolicy = BasePolicy.IGNORED
     min_inputs: int = 1
@@ -259,17 +257,19 @@ class MergeMethod:
     min_non_base: int = 0
     max_non_base: int | None = None
     random: bool = False
-    elementwise: bool = False  # each output entry depends only on the same entry of the inputs
-    # Methods that need a few whole-tensor quantities and are otherwise element-wise (SLERP: norms and a
-    # dot product; TIES: each model's magnitude threshold) run in chunks too: ``prepare`` computes those
-    # quantities from a ChunkedTensor (streaming over its chunks), ``finish`` maps each chunk given them.
-    # The result equals ``function``'s up to floating-point summation order.
-    prepare: Callable[[ChunkedTensor], object] | None = None
+    elementwise: bool = False
+    prepare: Callable[[TensorChunks], object] | None = None
     finish: Callable[[MergeTask, object], "torch.Tensor"] | None = None
+    prepare_scratch: Callable[[int, int, int], int] = no_scratch
     description: str = ""
     reference: str = ""
     extra_checks: tuple[Callable[[dict[str, ParameterValue], list[dict[str, ParameterValue]], str], None], ...] = \
         field(default=())
+
+    @property
+    def streams(self) -> bool:
+        """Whether the executor may run the method chunk by chunk."""
+        return self.elementwise or self.finish is not None
 
     def parameter(self, name: str) -> ParameterSpec | None:
         return next((p for p in self.parameters if p.name == name), None)
@@ -287,8 +287,17 @@ class MergeMethod:
                 raise ConfigError(f"merge method {self.name!r} takes {expected} {label}, the recipe gives {value}",
                                   where=where)
 
+    def map_chunk(self, task: MergeTask, prepared: object) -> "torch.Tensor":
+        """One chunk of a streamed tensor, given what ``prepare`` computed (None without a statistics pass)."""
+        return self.finish(task, prepared) if self.finish is not None else self.function(task)
+
     def merge(self, task: MergeTask) -> "torch.Tensor":
+        """The whole output tensor from whole input tensors."""
         shapes = {tuple(t.shape) for t in task.inputs}
         if len(shapes) > 1:
             raise ComputeError(f"input tensors have different shapes {sorted(shapes)}", where=task.name)
-        return self.function(task)
+        if self.function is not None:
+            return self.function(task)
+        whole = WholeTensor(task)
+        prepared = self.prepare(whole) if self.prepare is not None else None
+        return self.finish(next(whole.chunks()).task(), prepared).reshape(task.inputs[0].shape)

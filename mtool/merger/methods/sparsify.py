@@ -1,19 +1,61 @@
 """Sparsification of task vectors (deltas from the base): which entries of a delta survive.
 
-Each function returns the sparsified delta ``delta * mask``, optionally rescaled so its L1 norm matches the
-original (``rescale``):  ``out = (delta * mask) * ||delta||_1 / ||delta * mask||_1`` (unchanged when either
-norm is below 1e-7). Random masks draw only from the generator they are given. (TIES' magnitude top-k and
+Each whole-tensor function returns the sparsified delta ``delta * mask``, optionally rescaled so its L1 norm
+matches the original (``rescale``):  ``out = (delta * mask) * ||delta||_1 / ||delta * mask||_1`` (unchanged when
+either norm is below 1e-7). Random masks draw only from the generator they are given. (TIES' magnitude top-k and
 DARE's Bernoulli masks are applied chunk by chunk in ``task_arithmetic.py``, with :func:`kth_largest` and
-``position_keep_mask``.)
+:func:`position_keep_mask`.)
 """
 
 from __future__ import annotations
 
+import math
+import sys
+
 import numpy as np
 import torch
 
+from mtool.seeding import hashed_seed
+
 _RESCALE_EPS = 1e-7
 _NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+RANDOM_BLOCK = 1 << 16  # entries drawn from one generator: randomness is fixed per block of positions
+
+
+def position_keep_mask(seed: int, member: int, offset: int, count: int, density: float) -> torch.Tensor:
+    """Bernoulli(``density``) keep masks: 1 (uint8) where a position's uniform draw ``u`` is below ``density``
+    (rounded to float32), for the flattened positions ``offset .. offset + count`` of one input.
+
+    Each block of ``RANDOM_BLOCK`` positions has its own generator seeded from (seed, member, block), so
+    the draw of a position does not depend on how a tensor is split into chunks, nor on the device. The
+    generator is numpy's PCG64 (on the CPU, whatever the device). A position's draw is numpy's float32 uniform
+    ``u = (x >> 8) / 2^24`` of its 32-bit output ``x`` (the low, then the high half of each 64-bit output);
+    ``u < d`` exactly when ``x < 256 * ceil(d * 2^24)``, which is what is compared, on the raw outputs.
+    """
+    limit = 256 * math.ceil(float(np.float32(density)) * 2**24)
+    out = np.empty(count, dtype=np.bool_)
+    if limit <= 0 or limit >= 2**32:
+        out.fill(limit > 0)
+        return torch.from_numpy(out.view(np.uint8))
+    position = offset
+    while position < offset + count:
+        block = position // RANDOM_BLOCK
+        start = position - block * RANDOM_BLOCK
+        take = min(RANDOM_BLOCK - start, offset + count - position)
+        generator = np.random.PCG64(hashed_seed(seed, member, block))
+        generator.advance(start // 2)
+        skip = start % 2  # an odd start begins with the high half of a 64-bit output
+        draws = _low_then_high_halves(generator.random_raw((skip + take + 1) // 2))[skip:skip + take]
+        np.less(draws, limit, out=out[position - offset:position - offset + take])
+        position += take
+    return torch.from_numpy(out.view(np.uint8))
+
+
+def _low_then_high_halves(outputs: np.ndarray) -> np.ndarray:
+    """The 32-bit draws of 64-bit generator outputs, in the generator's order: low half, then high half."""
+    if sys.byteorder == "little":
+        return outputs.view(np.uint32)
+    return np.stack([outputs & 0xFFFFFFFF, outputs >> 32], axis=1).astype(np.uint32).reshape(-1)
 
 
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ SLERP = MergeMethod(
     function=slerp_merge,
     parameters=(ParameterSpec("t", float, Scope.SHARED, help="0 = base model, 1 = the other model"),),
     base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
-    prepare=lambda tensor: sum(slerp_statistics(*_slerp_pair(tensor.chunk(start))) for start in tensor.starts()),
+    prepare=lambda tensor: sum(slerp_statistics(*_slerp_pair(chunk.task())) for chunk in tensor.chunks()),
     finish=_slerp_finish,
     description="spherical interpolation between the base and one model",
     reference="https://en.wikipedia.org/wiki/Slerp",

@@ -23,16 +23,8 @@ from functools import partial
 import torch
 
 from mtool.merger.methods import sparsify
-from mtool.merger.methods.base import (
-    BasePolicy,
-    ChunkedTensor,
-    InMemory,
-    MergeMethod,
-    MergeTask,
-    ParameterSpec,
-    Scope,
-    position_keep_mask,
-)
+from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope, TensorChunks
+from mtool.merger.methods.sparsify import position_keep_mask
 
 
 class Sparsification(enum.Enum):
@@ -117,14 +109,14 @@ def _keep_mask(delta: torch.Tensor, density: float, state: MemberState, sparsifi
     return None
 
 
-def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> list[MemberState]:
+def prepare_task_vectors(tensor: TensorChunks, options: TaskVectorOptions) -> list[MemberState]:
     """Per model: the k-th largest ``|delta|`` with ``k = max(1, floor(density n))`` (TIES), and with
     ``rescale`` the factor ``||delta||_1 / ||kept||_1`` (unchanged when either is below 1e-7), streamed over
     the tensor's chunks so no whole float32 copy of an input is ever made (the magnitudes of one model are).
 
     Thresholds take one pass per model over its input and the base; the rescale factors of all models
     take one more pass together, drawing each random mask once (finishing reuses it)."""
-    members = [i for i in range(len(tensor.inputs)) if i != tensor.base_index]
+    members = [i for i in range(tensor.input_count) if i != tensor.base_index]
     densities = [float(tensor.model_params[index].get("density", 1.0)) for index in members]
     thresholds: list[float | None] = [None] * len(members)
     if options.sparsification is Sparsification.MAGNITUDE:
@@ -139,18 +131,18 @@ def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> l
     before, after = [0.0] * len(members), [0.0] * len(members)
     masks: list[dict[int, torch.Tensor]] = [{} for _ in members]
     drawing = [MemberState(threshold=threshold) for threshold in thresholds]
-    for start in tensor.starts():
-        base = tensor.piece(tensor.base_index, start)
+    for chunk in tensor.chunks():
+        base = chunk.input(tensor.base_index)
         for position in rescaled:
-            delta = tensor.piece(members[position], start) - base
+            delta = chunk.input(members[position]) - base
             mask = _keep_mask(delta, densities[position], drawing[position], options.sparsification,
-                              seed=tensor.seed, position=position, offset=start)
+                              seed=tensor.seed, position=position, offset=chunk.offset)
             magnitude = delta.abs_()  # chunk sums in float32 (pairwise), the running totals in float64
             total = float(magnitude.sum())
             before[position] += total
             after[position] += float(magnitude.mul_(mask).sum()) if mask is not None else total
             if options.sparsification is Sparsification.RANDOM and mask is not None:
-                masks[position][start] = mask  # drawn once: finishing the chunk reuses it (one byte an entry)
+                masks[position][chunk.offset] = mask  # drawn once: finishing the chunk reuses it (one byte an entry)
     states = []
     for position, threshold in enumerate(thresholds):
         rescale = before[position] / after[position] \
@@ -159,7 +151,7 @@ def prepare_task_vectors(tensor: ChunkedTensor, options: TaskVectorOptions) -> l
     return states
 
 
-def _magnitude_threshold(tensor: ChunkedTensor, index: int, density: float, magnitudes: torch.Tensor) -> float | None:
+def _magnitude_threshold(tensor: TensorChunks, index: int, density: float, magnitudes: torch.Tensor) -> float | None:
     """TIES: the k-th largest ``|W_index - W_base|`` over the whole tensor, ``k = max(1, floor(density n))``;
     None when every entry is kept. ``magnitudes`` is scratch space of the tensor's size."""
     if density >= 1:
@@ -167,9 +159,9 @@ def _magnitude_threshold(tensor: ChunkedTensor, index: int, density: float, magn
     count = tensor.numel
     if density <= 0 or count == 0:
         return math.inf
-    for start in tensor.starts():
-        piece = (tensor.piece(index, start) - tensor.piece(tensor.base_index, start)).abs_()  # pieces may be views
-        magnitudes[start:start + piece.numel()] = piece
+    for chunk in tensor.chunks():
+        piece = (chunk.input(index) - chunk.input(tensor.base_index)).abs_()  # inputs may be views
+        magnitudes[chunk.offset:chunk.offset + piece.numel()] = piece
     return float(sparsify.kth_largest(magnitudes, max(1, int(density * count))))
 
 
@@ -193,14 +185,6 @@ def finish_task_vectors(task: MergeTask, states: list[MemberState], options: Tas
                                 normalize=bool(task.params["normalize"]), scale=float(task.params["lambda"]))
 
 
-def streamed_task_vector_merge(task: MergeTask, options: TaskVectorOptions) -> torch.Tensor:
-    """The whole tensor as a single chunk of :func:`prepare_task_vectors` + :func:`finish_task_vectors`."""
-    whole = ChunkedTensor(name=task.name, inputs=[InMemory(t) for t in task.inputs], model_params=task.model_params, params=task.params,
-                          base_index=task.base_index, compute_dtype=task.base.dtype,
-                          chunk_size=max(1, task.base.numel()), seed=task.seed, device=str(task.base.device))
-    return finish_task_vectors(whole.chunk(0), prepare_task_vectors(whole, options), options).reshape(task.base.shape)
-
-
 def ranked_task_vector_merge(task: MergeTask, options: TaskVectorOptions) -> torch.Tensor:
     """Breadcrumbs and DELLA, whose masks depend on ranks over the whole tensor (or row): whole tensors."""
     base = task.base
@@ -221,6 +205,13 @@ def ranked_task_vector_merge(task: MergeTask, options: TaskVectorOptions) -> tor
         return base.clone()
     return combine_task_vectors(base, weighted, weights, consensus=options.consensus,
                                 normalize=bool(task.params["normalize"]), scale=float(task.params["lambda"]))
+
+
+def task_vector_scratch(numel: int, inputs: int, compute_itemsize: int) -> int:
+    """Memory :func:`prepare_task_vectors` may hold beyond the chunks: TIES' magnitudes of one model (the tensor in
+    the compute dtype) and about twice that while selecting its threshold; DARE's keep masks (a byte an entry
+    and model)."""
+    return 3 * numel * compute_itemsize + numel * (inputs - 1)
 
 
 def _della_window_check(shared: dict, per_model: list[dict], where: str) -> None:
@@ -255,9 +246,10 @@ def _family_member(name: str, sparsification: Sparsification, consensus: bool, n
     streamed = sparsification in (Sparsification.NONE, Sparsification.MAGNITUDE, Sparsification.RANDOM)
     return MergeMethod(
         name=name,
-        function=partial(streamed_task_vector_merge if streamed else ranked_task_vector_merge, options=options),
+        function=None if streamed else partial(ranked_task_vector_merge, options=options),
         prepare=partial(prepare_task_vectors, options=options) if streamed else None,
         finish=partial(finish_task_vectors, options=options) if streamed else None,
+        prepare_scratch=task_vector_scratch,
         parameters=tuple(parameters),
         base=BasePolicy.REQUIRED,
         random=sparsification in (Sparsification.RANDOM, Sparsification.DELLA),

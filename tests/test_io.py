@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import subprocess
@@ -14,17 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mtool.checkpoint import (
-    CheckpointWriter,
-    TensorSpec,
-    atomic_output_dir,
-    copy_support_files,
-    file_sha256,
-    open_checkpoint,
-    plan_shards,
-    save_tensors,
-)
 from mtool.errors import CheckpointError, OutputExistsError, UnsafeWeightsError
+from mtool.io.folders import atomic_output_dir, copy_support_files
+from mtool.io.reading import open_checkpoint
+from mtool.io.writing import CheckpointWriter, TensorSpec, plan_shards, save_tensors
 
 
 def _mixed_tensors() -> dict[str, torch.Tensor]:
@@ -128,7 +120,8 @@ def test_writer_rejects_wrong_shape_unannounced_and_missing(tmp_path: Path) -> N
 _PEAK_SCRIPT = textwrap.dedent(
     """
     import resource, sys, torch
-    from mtool.checkpoint import CheckpointWriter, TensorSpec, open_checkpoint
+    from mtool.io.reading import open_checkpoint
+    from mtool.io.writing import CheckpointWriter, TensorSpec
     folder, count, rows = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.ones(1) + 1  # warm up the allocator and kernels before the baseline
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -251,175 +244,9 @@ def test_copy_support_files(tiny, tmp_path: Path) -> None:
     assert "config.json" not in copy_support_files(tiny_model, only_tokenizer, config=False)
 
 
-def test_file_sha256_streams_and_caches(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("MTOOL_CACHE_DIR", str(tmp_path / "cache"))
-    path = tmp_path / "blob"
-    payload = bytes(range(256)) * 1000
-    path.write_bytes(payload)
-    assert file_sha256(path, chunk_bytes=1000) == hashlib.sha256(payload).hexdigest()
-    blobs = tmp_path / "hub" / "blobs"
-    blobs.mkdir(parents=True)
-    digest = hashlib.sha256(b"x").hexdigest()
-    (blobs / digest).write_bytes(b"x")
-    (tmp_path / "link.safetensors").symlink_to(blobs / digest)
-    assert file_sha256(tmp_path / "link.safetensors") == digest
-
-
 def test_output_folder_gets_the_mode_of_an_ordinary_mkdir(tmp_path: Path) -> None:
     reference = tmp_path / "made-by-mkdir"
     reference.mkdir()
     with atomic_output_dir(tmp_path / "out") as staging:
         (staging / "file.txt").write_text("x")
     assert (tmp_path / "out").stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
-
-
-class _BlockingHasher:
-    """A hasher that waits for ``release`` inside update (or raises, with ``fail``)."""
-
-    def __init__(self, fail: bool = False) -> None:
-        import threading
-
-        self.release, self.fail, self.updates = threading.Event(), fail, 0
-
-    def update(self, data) -> None:
-        self.release.wait(10)
-        self.updates += 1
-        if self.fail:
-            raise MemoryError("stand-in for a failing hash")
-
-
-def test_background_hashing_never_blocks_after_finish(monkeypatch) -> None:
-    import threading
-
-    import mtool.checkpoint as checkpoint
-
-    monkeypatch.setattr(checkpoint, "PENDING_HASH_BYTES", 8)
-    hasher = _BlockingHasher()
-    hashing = checkpoint._BackgroundHashing([hasher])
-    hashing.feed(0, memoryview(b"abcdef"))  # taken by the hash thread, which blocks in update
-    waiting = threading.Thread(target=hashing.feed, args=(0, memoryview(b"ghijkl")))  # over the budget: waits
-    waiting.start()
-    finishing = threading.Thread(target=hashing.finish)
-    finishing.start()
-    hasher.release.set()
-    waiting.join(10)
-    finishing.join(10)
-    assert not waiting.is_alive() and not finishing.is_alive()
-    assert hashing.hashers[0] is None  # the shard missed bytes: no digest from the writer, hashed from disk
-    hashing.feed(0, memoryview(b"late"))  # after finish: dropped at once
-    assert hasher.updates == 1
-
-
-def test_a_failing_hash_drops_that_shard_digest_and_the_file_is_hashed_from_disk(tmp_path: Path, monkeypatch) -> None:
-    import mtool.checkpoint as checkpoint
-
-    failing = _BlockingHasher(fail=True)
-    failing.release.set()
-    hashing = checkpoint._BackgroundHashing([failing])
-    for _ in range(3):
-        hashing.feed(0, memoryview(b"x" * 10))
-    hashing.finish()
-    assert hashing.hashers[0] is None and failing.updates == 1
-    specs = [TensorSpec("t", (4,), torch.float32)]
-    with CheckpointWriter(tmp_path, specs, in_order=True) as writer:
-        writer._hashers[0] = failing
-        writer.write("t", torch.arange(4, dtype=torch.float32))
-    assert writer.digests == {}  # the caller then hashes model.safetensors from disk
-
-
-def test_large_file_digests_are_remembered_by_path_size_and_mtime(tmp_path: Path, monkeypatch) -> None:
-    import os
-
-    import mtool.checkpoint as checkpoint
-
-    monkeypatch.setenv("MTOOL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(checkpoint._HashCache, "MIN_BYTES", 10)
-    monkeypatch.setattr(checkpoint, "_HASHED", {})  # this process's own memory of digests, emptied below
-    path = tmp_path / "weights.safetensors"
-    path.write_bytes(b"0123456789" * 100)
-    true_digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert file_sha256(path) == true_digest
-    cache_file = tmp_path / "cache" / "sha256.json"
-    entries = json.loads(cache_file.read_text())
-    assert list(entries.values()) == [true_digest]
-    cache_file.write_text(json.dumps({key: "remembered" for key in entries}))
-    checkpoint._HASHED.clear()  # as in a new process
-    assert file_sha256(path) == "remembered"  # read from the cache, not from the file
-    stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-    assert file_sha256(path) == true_digest  # a touched file is hashed again
-
-
-def test_a_file_hashed_by_two_threads_at_once_is_read_once(tmp_path: Path, monkeypatch) -> None:
-    import threading
-
-    import mtool.checkpoint as checkpoint
-
-    monkeypatch.setenv("MTOOL_CACHE_DIR", str(tmp_path / "cache"))
-    path = tmp_path / "weights.safetensors"
-    path.write_bytes(bytes(range(256)) * 4096)
-    computing, release = threading.Event(), threading.Event()
-    computed = []
-    real_compute = checkpoint._cached_or_computed_sha256
-
-    def gated_compute(*args):
-        computed.append(args[0])
-        computing.set()
-        release.wait(10)
-        return real_compute(*args)
-
-    waiting = threading.Event()
-
-    class SignallingFuture(checkpoint.Future):
-        def result(self, timeout=None):
-            waiting.set()
-            return super().result(timeout)
-
-    monkeypatch.setattr(checkpoint, "_cached_or_computed_sha256", gated_compute)
-    monkeypatch.setattr(checkpoint, "Future", SignallingFuture)
-    background = checkpoint.hash_in_background([path])
-    assert computing.wait(10)
-    results = []
-    second = threading.Thread(target=lambda: results.append(file_sha256(path)))
-    second.start()
-    assert waiting.wait(10)  # the second caller found the first one's work in progress
-    release.set()
-    second.join(10)
-    background.join(10)
-    assert results == [hashlib.sha256(path.read_bytes()).hexdigest()]
-    assert len(computed) == 1
-    assert checkpoint._HASHING == {}
-
-
-def test_background_hashing_leaves_errors_to_the_later_call(tmp_path: Path, monkeypatch) -> None:
-    import threading
-
-    import mtool.checkpoint as checkpoint
-
-    uncaught = []
-    monkeypatch.setattr(threading, "excepthook", uncaught.append)
-    missing = tmp_path / "gone.safetensors"
-    checkpoint.hash_in_background([missing]).join(10)
-    assert uncaught == []  # nothing escaped the background thread
-    with pytest.raises(FileNotFoundError):
-        file_sha256(missing)
-
-
-def test_large_file_digests_are_kept_in_the_process_when_the_cache_cannot_be_written(tmp_path: Path,
-                                                                                    monkeypatch) -> None:
-    import mtool.checkpoint as checkpoint
-
-    blocked = tmp_path / "not-a-folder"
-    blocked.write_text("a file where the cache folder should be")
-    monkeypatch.setenv("MTOOL_CACHE_DIR", str(blocked))
-    monkeypatch.setattr(checkpoint._HashCache, "MIN_BYTES", 10)
-    monkeypatch.setattr(checkpoint, "_HASHED", {})
-    computed = []
-    real_compute = checkpoint._cached_or_computed_sha256
-    monkeypatch.setattr(checkpoint, "_cached_or_computed_sha256",
-                        lambda *args: computed.append(1) or real_compute(*args))
-    path = tmp_path / "weights.safetensors"
-    path.write_bytes(b"x" * 100)
-    checkpoint.hash_in_background([path]).join(10)
-    assert file_sha256(path) == hashlib.sha256(b"x" * 100).hexdigest()
-    assert computed == [1]  # the background result served the later call

@@ -1,14 +1,21 @@
-"""The ``chat_template`` recipe key: a built-in template by name, ``auto``, or a Jinja template itself."""
+"""Chat templates by name: the built-in ones, a model folder's own, and the one resolver every command uses.
+
+A user names a template as
+
+* a built-in name: ``chatml``, ``llama3``, ``alpaca``, ``mistral``;
+* ``auto`` (merges): the template most of the input models ship;
+* Jinja text itself (anything with ``{{`` or ``{%``);
+* a path to a ``.jinja`` file (training configs).
+"""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from pathlib import Path
 
 from mtool.errors import ConfigError
-
-if TYPE_CHECKING:
-    from mtool.merger.plan import MergePlan
 
 BUILTIN_TEMPLATES = {
     "chatml": (
@@ -34,11 +41,13 @@ BUILTIN_TEMPLATES = {
 }
 
 
-def model_chat_template(folder) -> str | None:
-    """The chat template a model folder ships (chat_template.jinja or tokenizer_config.json), if any."""
-    import json
-    from pathlib import Path
+def is_jinja(text: str) -> bool:
+    """Whether ``text`` is a Jinja template rather than a name."""
+    return "{{" in text or "{%" in text
 
+
+def model_chat_template(folder: str | Path) -> str | None:
+    """The chat template a model folder ships (chat_template.jinja or tokenizer_config.json), if any."""
     folder = Path(folder)
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
@@ -50,17 +59,28 @@ def model_chat_template(folder) -> str | None:
     return None
 
 
-def resolve_chat_template(value: str, plan: "MergePlan") -> str:
-    """``auto``: the template most of the input models ship; a built-in name; else a Jinja template."""
-    if value == "auto":
-        templates = [t for m in plan.models.values() if (t := model_chat_template(m.checkpoint.folder))]
+def resolve_chat_template(value: str, *, where: str, auto_from: Sequence[Path] | None = None,
+                          files: bool = False) -> str:
+    """The Jinja text of the template ``value`` names (see the module docstring); ConfigError naming ``where``.
+
+    ``auto`` is accepted when ``auto_from`` (the model folders to take it from) is given, a file path when
+    ``files`` is true.
+    """
+    if auto_from is not None and value == "auto":
+        templates = [t for folder in auto_from if (t := model_chat_template(folder))]
         if not templates:
-            raise ConfigError("chat_template: auto, but none of the models ships a chat template",
-                              where="chat_template", fix=f"name one of: {', '.join(BUILTIN_TEMPLATES)}")
+            raise ConfigError(f"{where}: auto, but none of the models ships a chat template", where=where,
+                              fix=f"name one of: {', '.join(BUILTIN_TEMPLATES)}")
         return Counter(templates).most_common(1)[0][0]
     if value in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[value]
-    if "{{" in value or "{%" in value:
+    if is_jinja(value):
         return value
-    raise ConfigError(f"unknown chat template {value!r}", where="chat_template",
-                      fix=f"use auto, one of {', '.join(BUILTIN_TEMPLATES)}, or a Jinja template")
+    if files:
+        path = Path(value).expanduser()
+        if path.is_file():
+            return path.read_text(encoding="utf-8")
+    choices = ["auto"] if auto_from is not None else []
+    choices += [", ".join(BUILTIN_TEMPLATES)] + (["a path to a .jinja file"] if files else []) + ["a Jinja template"]
+    raise ConfigError(f"unknown chat template {value!r}", where=where,
+                      fix=f"use {', '.join(choices[:-1])} or {choices[-1]}")

@@ -13,7 +13,7 @@ for ``trainable_token_indices``, ``base_model.model.M.token_adapter.trainable_to
 and, when embeddings were adapted, possibly the whole base embedding as ``M.base_layer.weight`` (PEFT's
 ``save_embedding_layers``: it replaces the base's tensor when PEFT loads the adapter).
 
-The base tensor a module adapts is ``M.weight``; the merged tensor is (see :mod:`mtool.adapters.lowrank`)
+The base tensor a module adapts is ``M.weight``; the merged tensor is (see :mod:`mtool.lora.lowrank`)
 
     W' = W + s * B @ A                               (transposed for fan_in_fan_out layers and embeddings)
     W' = m / ||W + s * B @ A|| * (W + s * B @ A)     (DoRA)
@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtool.adapters.lowrank import dora_weight, lora_delta, lora_scale
-from mtool.checkpoint import Checkpoint, open_checkpoint
 from mtool.errors import InputError
+from mtool.io.reading import Checkpoint, open_checkpoint
+from mtool.lora.lowrank import dora_weight, lora_delta, lora_scale
 
 if TYPE_CHECKING:
     import torch
@@ -65,7 +65,7 @@ def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) ->
 
 
 @dataclass(frozen=True)
-class LoraSettings:
+class AdapterSettings:
     """The parts of ``adapter_config.json`` that decide the merge."""
 
     rank: int
@@ -81,7 +81,7 @@ class LoraSettings:
     base_model: str | None = None
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "LoraSettings":
+    def from_config(cls, config: dict[str, Any], where: str) -> "AdapterSettings":
         peft_type = str(config.get("peft_type") or "").upper()
         if peft_type != "LORA":
             shown = peft_type or "unknown (no peft_type)"
@@ -173,7 +173,7 @@ class LoraAdapter:
                              fix="point at the folder PEFT's save_pretrained wrote")
         self.checkpoint: Checkpoint = open_checkpoint(self.folder)
         self.config: dict[str, Any] = self.checkpoint.read_json(ADAPTER_CONFIG) or {}
-        self.settings = LoraSettings.from_config(self.config, str(config_path))
+        self.settings = AdapterSettings.from_config(self.config, str(config_path))
         self.targets: dict[str, LoraModule] = {}
         self.replacements: dict[str, str] = {}
         self.token_rows: dict[str, TokenRows] = {}

@@ -1,0 +1,43 @@
+"""Byte sizes as users write them (``5GB``, ``500MB``, ``2GiB``), for options such as ``--shard-size``.
+
+Decimal units are powers of 1000 (``GB``), binary ones powers of 1024 (``GiB``); a bare number is bytes. (Model
+size labels such as ``8B`` parameters are another thing: :mod:`mtool.naming.size`.)
+"""
+
+from __future__ import annotations
+
+import click
+
+UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+         "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_byte_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``2GiB``, ``1000000`` -> bytes; ValueError for anything else (or a size <= 0)."""
+    cleaned = str(text).strip().upper().replace(" ", "")
+    number = cleaned.rstrip("KMGTIB")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size like 5GB or 500MB") from None
+    if unit not in UNITS or value <= 0:
+        raise ValueError(f"{text!r} is not a size like 5GB or 500MB")
+    return int(value * UNITS[unit])
+
+
+class ByteSize(click.ParamType):
+    """A Click option type for byte sizes: the option's value arrives as an int of bytes."""
+
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_byte_size(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+BYTE_SIZE = ByteSize()
