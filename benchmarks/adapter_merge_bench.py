@@ -48,7 +48,8 @@ def build_inputs(layers: int, rank: int) -> tuple[Path, Path]:
         with CheckpointWriter(base, specs, max_shard_bytes=1000**3) as writer:
             for index, (name, shape) in enumerate(shapes.items()):
                 generator = torch.Generator().manual_seed(index)
-                tensor = torch.ones(shape) if len(shape) == 1 else torch.empty(shape).normal_(0, 0.02, generator=generator)
+                tensor = (torch.ones(shape) if len(shape) == 1
+                          else torch.empty(shape).normal_(0, 0.02, generator=generator))
                 writer.write(name, tensor.to(torch.bfloat16))
         LlamaConfig(**{**SHAPE, "num_hidden_layers": layers}, tie_word_embeddings=False, dtype="bfloat16",
                     architectures=["LlamaForCausalLM"]).save_pretrained(base)

@@ -1,4 +1,4 @@
-"""Read and write throughput of mtool's checkpoint layer against the machine's floor.
+"""Read and write throughput of mtool's I/O layer against the machine's floor, and the cost of its header parser.
 
     .venv/bin/python benchmarks/io_bench.py [--gib 1.0] [--repeats 3]
 
@@ -9,9 +9,12 @@ read):
 * read:  ``open_checkpoint`` + ``read`` of every tensor, beside ``cat FILES > /dev/null`` (the floor) and
   ``safetensors.safe_open(...).get_tensor`` (the library most tools use);
 * write: ``CheckpointWriter`` streaming every tensor into 2 shards, beside plain ``write`` calls of the same
-  number of bytes from one buffer (the floor), ``cp`` of the written files, and ``safetensors.torch.save_file``.
+  number of bytes from one buffer (the floor), ``cp`` of the written files, and ``safetensors.torch.save_file``;
+* headers: mtool's ``open_checkpoint`` (names, shapes, dtypes and the byte offsets that positioned reads and
+  mappings need) beside ``safe_open`` + ``get_slice`` of every tensor (names, shapes, dtypes; no offsets), each
+  over the written files, median of 200.
 
-Prints a markdown table with GB/s and ratios to the floor.
+Prints markdown tables with GB/s and ratios to the floor.
 """
 
 from __future__ import annotations
@@ -138,6 +141,21 @@ def main() -> None:
             "read: mtool open_checkpoint + read": read_mtool,
             "read: safetensors safe_open + get_tensor + clone": read_safetensors,
         }, args.repeats))
+
+        def headers_mtool() -> None:
+            checkpoint = open_checkpoint(workdir / "mtool")
+            for name in checkpoint.names:
+                checkpoint.info(name).shape
+
+        def headers_safetensors() -> None:
+            for file in files:
+                with safe_open(file, framework="pt") as handle:
+                    for name in handle.keys():
+                        piece = handle.get_slice(name)
+                        piece.get_shape(), piece.get_dtype()
+
+        headers = interleaved_medians({"headers: mtool open_checkpoint": headers_mtool,
+                                       "headers: safetensors safe_open + get_slice": headers_safetensors}, 200)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -150,6 +168,11 @@ def main() -> None:
         for label, seconds in results.items():
             if label.startswith(kind):
                 print(f"| {label} | {seconds:.2f} | {gb / seconds:.2f} | {seconds / floor:.2f}x |")
+    print(f"\nReading the headers of the same {len(tensors)} tensors in {len(files)} files, median of 200\n")
+    print("| operation | ms |")
+    print("|---|---:|")
+    for label, seconds in headers.items():
+        print(f"| {label} | {seconds * 1000:.2f} |")
 
 
 if __name__ == "__main__":

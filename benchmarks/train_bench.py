@@ -98,7 +98,8 @@ def mtool_run(model_dir: Path, seq: int, batch: int, device_type: str) -> dict:
             "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
             if device.type == "cuda" else None,
             "estimate_gib": round(estimate.total / 2**30, 3),
-            "trainable": sum(p.numel() for p in trainable_parameters(model)), "losses": [round(x, 4) for x in losses[-3:]]}
+            "trainable": sum(p.numel() for p in trainable_parameters(model)),
+            "losses": [round(x, 4) for x in losses[-3:]]}
 
 
 def _json_rows(text: str) -> list[dict]:
@@ -132,7 +133,8 @@ def run_stack(stack: str, model_dir: Path, anchor: Path, seq: int, batch: int) -
 def table(rows: list[dict], device_name: str) -> str:
     reference = next((r for r in rows if r["framework"] == "hf"), None)
     lines = [f"GPU: {device_name}", "",
-             "| stack | tokens/s | step (s) | peak allocated (GiB) | peak reserved (GiB) | tokens/s vs hf | memory vs hf |",
+             "| stack | tokens/s | step (s) | peak allocated (GiB) | peak reserved (GiB) "
+             "| tokens/s vs hf | memory vs hf |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         speed = f"{row['tokens_per_s'] / reference['tokens_per_s']:.2f}x" if reference else "-"

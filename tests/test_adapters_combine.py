@@ -52,9 +52,11 @@ def _factors(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     found = {}
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and "combined" in module.lora_A:
-            found[name.removeprefix("base_model.model.")] = (module.lora_A["combined"].weight, module.lora_B["combined"].weight)
+            found[name.removeprefix("base_model.model.")] = (module.lora_A["combined"].weight,
+                                                             module.lora_B["combined"].weight)
         elif hasattr(module, "lora_embedding_A") and "combined" in module.lora_embedding_A:
-            found[name.removeprefix("base_model.model.")] = (module.lora_embedding_A["combined"], module.lora_embedding_B["combined"])
+            found[name.removeprefix("base_model.model.")] = (module.lora_embedding_A["combined"],
+                                                             module.lora_embedding_B["combined"])
     return found
 
 
@@ -88,7 +90,8 @@ def test_ties_frequency_sign_and_svd_rank(setup, tmp_path, run_cli):
     base, first, second = setup
     run_cli("adapters", "combine", first, second, tmp_path / "t", "--method", "ties", "--density", "0.7",
             "--majority-sign-method", "frequency", "--weights", "0.7,-0.4")
-    reference = _factors(_peft_combined(base, [first, second], "ties", {"density": 0.7, "majority_sign_method": "frequency"}))
+    reference = _factors(_peft_combined(base, [first, second], "ties",
+                                        {"density": 0.7, "majority_sign_method": "frequency"}))
     ours = load_lora(tmp_path / "t")
     for module in ours.targets.values():
         assert relative(ours.factors(module.weight_name)[0], reference[module.module][0]) <= 1e-6
@@ -142,7 +145,8 @@ def test_weight_space_merge_equals_mtool_merge_of_base_plus_adapters(method, par
     else:
         recipe = {"merge_method": method, "base_model": str(base), "dtype": "float32",
                   "models": [{"model": m, "parameters": {"weight": w, **parameters}} for m, w in zip(models, WEIGHTS)]}
-        extra = ["--weights", ",".join(map(str, WEIGHTS))] + (["--density", parameters["density"]] if parameters else [])
+        extra = (["--weights", ",".join(map(str, WEIGHTS))]
+                 + (["--density", parameters["density"]] if parameters else []))
     expected = open_checkpoint(_mtool_merge(run_cli, tmp_path, recipe))
     args = ["adapters", "combine", first, second, tmp_path / "c", "--method", f"merge:{method}", "--rank", "64", *extra]
     if use_base:

@@ -21,7 +21,8 @@ def lora_pair(tiny, tmp_path_factory):
     """A base, a rank-4 adapter on every linear layer and the embedding, and base + adapter merged."""
     base = tiny.model("llama")
     folder = tmp_path_factory.mktemp("extract")
-    adapter = make_peft_adapter(base, folder / "lora", seed=5, r=4, lora_alpha=8, use_rslora=True, target_modules=TARGETS)
+    adapter = make_peft_adapter(base, folder / "lora", seed=5, r=4, lora_alpha=8, use_rslora=True,
+                                target_modules=TARGETS)
     from click.testing import CliRunner
 
     from mtool.cli import main
@@ -132,8 +133,8 @@ def test_extract_and_resize_bad_inputs(tiny, lora_pair, tmp_path, run_cli):
     base, adapter, tuned = lora_pair
     out = tmp_path / "out"
     other = tiny.model("llama", hidden_size=32, intermediate_size=64)
-    assert "lm_head.weight is [384, 64] in BASE but [384, 32] in TUNED" in run_cli("adapters", "extract", base, other, out, "--rank", 2,
-                                                                expect=2).output
+    assert "lm_head.weight is [384, 64] in BASE but [384, 32] in TUNED" in run_cli("adapters", "extract", base, other,
+                                                                                   out, "--rank", 2, expect=2).output
     assert "exactly one of --rank and --energy" in run_cli("adapters", "extract", base, tuned, out, expect=2).output
     assert "--energy must be in (0, 1]" in run_cli("adapters", "extract", base, tuned, out, "--energy", "1.5",
                                                     expect=2).output

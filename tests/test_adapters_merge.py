@@ -141,7 +141,8 @@ def test_bfloat16_base_is_merged_in_float32_and_cast_once(tiny, tmp_path, run_cl
     merged = open_checkpoint(tmp_path / "m")
     name = "model.layers.0.self_attn.q_proj"
     tensors = load_file(adapter / "adapter_model.safetensors")
-    delta = 2.0 * tensors[f"base_model.model.{name}.lora_B.weight"].float() @ tensors[f"base_model.model.{name}.lora_A.weight"].float()
+    delta = (2.0 * tensors[f"base_model.model.{name}.lora_B.weight"].float()
+             @ tensors[f"base_model.model.{name}.lora_A.weight"].float())
     expected = (open_checkpoint(base).read(f"{name}.weight").float() + delta).to(torch.bfloat16)
     assert merged.info(f"{name}.weight").dtype_name == "BF16"
     assert torch.equal(merged.read(f"{name}.weight"), expected)

@@ -85,7 +85,8 @@ def test_outputs_load_and_record_their_lineage(demo) -> None:
         record = read_lineage(output)
         assert record is not None
         if (output / "adapter_config.json").is_file():
-            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder / "base", dtype=torch.float32),
+            model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder / "base",
+                                                                                   dtype=torch.float32),
                                               output)
         else:
             model = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
@@ -110,7 +111,8 @@ def test_adapter_space_combination_equals_the_linear_merge(demo) -> None:
     folder, _ = demo
     outputs = {p.name: p for p in _named_outputs(folder)}
     combined = outputs["Llama-558K-CapitalsSymbols-Linear-v1.0-LoRA"]
-    linear = AutoModelForCausalLM.from_pretrained(outputs["Llama-558K-CapitalsSymbols-Linear-v1.0"], dtype=torch.float32)
+    linear = AutoModelForCausalLM.from_pretrained(outputs["Llama-558K-CapitalsSymbols-Linear-v1.0"],
+                                                  dtype=torch.float32)
     adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder / "base", dtype=torch.float32),
                                         combined)
     ids = torch.arange(3, 40).unsqueeze(0)

@@ -148,7 +148,8 @@ def test_input_hashing_skips_what_it_cannot_find(trio, tmp_path) -> None:
     recipe = parse_recipe(f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n  - model: {ft1}\n"
                           f"    parameters: {{weight: 1.0}}\n  - model: {tmp_path / 'missing'}\n"
                           f"    parameters: {{weight: 1.0}}\n")
-    assert sorted(local_weight_files(recipe)) == sorted(f for folder in (base, ft1) for f in folder.glob("*.safetensors"))
+    assert sorted(local_weight_files(recipe)) == sorted(f for folder in (base, ft1)
+                                                        for f in folder.glob("*.safetensors"))
 
 
 def test_union_vocabulary_aligns_embedding_rows(tiny, tmp_path, run_cli) -> None:

@@ -27,6 +27,7 @@ def test_example_recipe_plans_on_tiny_models(recipe: Path, tiny) -> None:
     for hub_id, stand_in in zip(hub_ids, stand_ins):
         text = text.replace(hub_id, str(stand_in))
     # layer ranges of 32-layer models, scaled to the 4 tiny layers
-    text = re.sub(r"layer_range: \[(\d+), (\d+)\]", lambda m: f"layer_range: [{int(m[1]) // 8}, {int(m[2]) // 8}]", text)
+    text = re.sub(r"layer_range: \[(\d+), (\d+)\]",
+                  lambda m: f"layer_range: [{int(m[1]) // 8}, {int(m[2]) // 8}]", text)
     plan = build_plan(parse_recipe(text, source=recipe.name))
     assert plan.tensors and "estimated peak working memory" in describe_plan(plan)

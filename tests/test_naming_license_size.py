@@ -118,7 +118,8 @@ def test_count_parameters_separates_the_experts_of_a_mixture(tmp_path: Path) -> 
         tensors[f"model.layers.{layer}.block_sparse_moe.gate.weight"] = torch.zeros(experts, hidden)
         for expert in range(experts):
             for w in ("w1", "w3"):
-                tensors[f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{w}.weight"] = torch.zeros(inner, hidden)
+                tensors[f"model.layers.{layer}.block_sparse_moe.experts."
+                        f"{expert}.{w}.weight"] = torch.zeros(inner, hidden)
             tensors[f"model.layers.{layer}.block_sparse_moe.experts.{expert}.w2.weight"] = torch.zeros(hidden, inner)
     save_tensors(tmp_path, tensors)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "mixtral", "num_local_experts": experts}))

@@ -23,7 +23,8 @@ def config_of(base, data, out, **overrides):
 
 
 def losses(folder):
-    return [row["loss"] for row in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in row]
+    return [row["loss"] for row in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+            if "loss" in row]
 
 
 def eval_loss_float64(model, dataset, pad_id):

@@ -45,7 +45,8 @@ def _positive_rank(ctx: click.Context, param: click.Parameter, value: int | None
 weights_option = click.option(
     "--weights", multiple=True, metavar="W1,W2,...",
     help="One weight per adapter, in order (comma-separated or repeated). Default: 1 each.")
-force_option = click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+force_option = click.option("--force", is_flag=True,
+                            help="Replace OUT if it exists (only once the new one is complete).")
 
 
 @click.group()
@@ -113,7 +114,8 @@ def merge_command(paths: tuple[str, ...], weights: tuple[str, ...], dtype: str |
         raise click.UsageError("give BASE, at least one ADAPTER, and OUT")
     base, adapter_paths, out = paths[0], list(paths[1:-1]), paths[-1]
     if quant_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-        raise click.BadParameter("the block size must be a power of two from 32 to 4096", param_hint="--quant-blocksize")
+        raise click.BadParameter("the block size must be a power of two from 32 to 4096",
+                                 param_hint="--quant-blocksize")
     quant = QuantSettings(quant_type=quant_type, blocksize=quant_blocksize, double_quant=double_quant,
                           skip_modules=tuple(quant_skip)) if dequantized_base else None
     options = AdapterMergeOptions(weights=parse_weights(weights), dtype=_dtype(dtype), dequantized_base=quant,
@@ -219,7 +221,8 @@ def extract_command(base: str, tuned: str, out: str, rank: int | None, energy: f
 @adapters.command("resize")
 @click.argument("adapter")
 @click.argument("out")
-@click.option("--rank", type=int, required=True, callback=_positive_rank, help="The new rank (modules below it keep theirs).")
+@click.option("--rank", type=int, required=True, callback=_positive_rank,
+              help="The new rank (modules below it keep theirs).")
 @force_option
 def resize_command(adapter: str, out: str, rank: int, force: bool) -> None:
     """Lower ADAPTER's rank to --rank by truncated SVD of each module's B @ A, into OUT. Prints the relative

@@ -267,7 +267,8 @@ def merge_adapters(base: str, adapters: list[str], output: str | os.PathLike,
     inputs = [plan.checkpoint.folder] + [item.ref.path for item in plan.adapters]
     with atomic_output_dir(output, force=options.force, inputs=inputs) as staging:
         parents = describe_parents_in_background(  # hashing overlaps the merge
-            [ParentInput(plan.base, "base")] + [ParentInput(item.ref, "adapter", item.weight) for item in plan.adapters],
+            [ParentInput(plan.base, "base")]
+            + [ParentInput(item.ref, "adapter", item.weight) for item in plan.adapters],
             hasher)
         stream = Stream(jobs=plan.specs, name=lambda spec: spec.name, prepare=lambda spec: _produce(plan, spec),
                         produce=lambda spec, tensor: [(0, tensor.reshape(-1))],

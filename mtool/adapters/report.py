@@ -47,5 +47,6 @@ class FitReport:
             lines.append(f"... {len(rows) - len(shown)} more modules (all are in mtool-lineage.json; -v lists them)")
         ranks = sorted({m.rank for m in self.modules})
         rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-        lines.append(f"overall: {len(self.modules)} modules, rank {rank_text}, relative error {self.relative_error:.3e}")
+        lines.append(f"overall: {len(self.modules)} modules, rank {rank_text}, "
+                     f"relative error {self.relative_error:.3e}")
         return "\n".join(lines)

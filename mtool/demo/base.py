@@ -70,7 +70,8 @@ def _encode(tokenizer, task: Task):
     """The task's conversations as one right-padded batch: (input_ids, attention_mask)."""
     import torch
 
-    rows = [tokenizer.apply_chat_template(record["messages"], return_dict=True)["input_ids"] for record in task.records()]
+    rows = [tokenizer.apply_chat_template(record["messages"], return_dict=True)["input_ids"]
+            for record in task.records()]
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

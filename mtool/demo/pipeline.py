@@ -8,7 +8,7 @@ process), printed as the user would type the command.
 
 Every output folder is renamed to its standardized name as soon as it is written, before anything reads it,
 so lineage records and cards point at the final paths.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -265,7 +265,8 @@ def _write_train_config(path: Path, base: Path, out: Path, data: list[Path], che
     return path
 
 
-def _write_merge_recipe(path: Path, method: str, base: Path, fine_tunes: dict[str, Path], settings: DemoSettings) -> Path:
+def _write_merge_recipe(path: Path, method: str, base: Path, fine_tunes: dict[str, Path],
+                        settings: DemoSettings) -> Path:
     """A mergekit recipe merging the fine-tunes with ``method``."""
     import yaml
 

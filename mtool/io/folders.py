@@ -54,7 +54,8 @@ def check_output_target(target: str | os.PathLike, *, force: bool, inputs: Seque
             raise OutputExistsError(f"the output {target} would overwrite the input {source_path}",
                                     fix="choose an output folder outside every input")
     if target.exists() and not force:
-        raise OutputExistsError(f"the output {target} already exists", fix="choose another path or pass --force to replace it")
+        raise OutputExistsError(f"the output {target} already exists",
+                                fix="choose another path or pass --force to replace it")
     if target.exists() and not target.is_dir():
         raise OutputExistsError(f"the output {target} exists and is not a folder", fix="choose another path")
     return target

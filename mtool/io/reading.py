@@ -133,14 +133,16 @@ def read_elements(info: TensorInfo, start: int, count: int) -> "torch.Tensor":
     buffer = memoryview(out.view(torch.uint8).numpy()).cast("B")
     begin = info.begin + start * out.element_size()
     if start < 0 or begin + nbytes > info.end:
-        raise CheckpointError(f"elements [{start}, {start + count}) are outside tensor {info.name!r}", where=str(info.file))
+        raise CheckpointError(f"elements [{start}, {start + count}) are outside tensor {info.name!r}",
+                              where=str(info.file))
     fd = os.open(info.file, os.O_RDONLY)
     try:
         done = 0
         while done < nbytes:
             got = os.preadv(fd, [buffer[done:]], begin + done)
             if got <= 0:
-                raise CheckpointError(f"unexpected end of file while reading tensor {info.name!r}", where=str(info.file))
+                raise CheckpointError(f"unexpected end of file while reading tensor {info.name!r}",
+                                      where=str(info.file))
             done += got
     finally:
         os.close(fd)

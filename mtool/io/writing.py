@@ -134,7 +134,8 @@ class CheckpointWriter:
         self._hashed_to: list[int] = []
         self._hashing = BackgroundDigests(self._hashers)
         for number, group in enumerate(groups, start=1):
-            filename = f"{file_stem}.safetensors" if count == 1 else f"{file_stem}-{number:05d}-of-{count:05d}.safetensors"
+            filename = (f"{file_stem}.safetensors" if count == 1
+                        else f"{file_stem}-{number:05d}-of-{count:05d}.safetensors")
             shard = _Shard(self.folder / filename, list(group))
             header, relative = safetensors_layout(group, self.metadata, keep_order=in_order)
             shard.offsets = {name: len(header) + offset for name, offset in relative.items()}

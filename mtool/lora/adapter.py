@@ -208,7 +208,8 @@ class LoraAdapter:
                 self.replacements[base_name] = key
 
     def _add_module(self, key_a: str, module: str, *, embedding: bool) -> None:
-        key_b = key_a.replace("lora_embedding_A", "lora_embedding_B") if embedding else key_a.replace(".lora_A", ".lora_B")
+        key_b = (key_a.replace("lora_embedding_A", "lora_embedding_B") if embedding
+                 else key_a.replace(".lora_A", ".lora_B"))
         if key_b not in self.checkpoint:
             raise InputError(f"adapter tensor {key_a} has no matching B factor {key_b}", where=str(self.folder))
         info_a, info_b = self.checkpoint.info(key_a), self.checkpoint.info(key_b)
@@ -237,7 +238,8 @@ class LoraAdapter:
         if isinstance(indices, dict):
             indices = pattern_value(indices, module, None)
         if not isinstance(indices, list):
-            raise InputError(f"trainable tokens of {module} have no indices in {ADAPTER_CONFIG}", where=str(self.folder))
+            raise InputError(f"trainable tokens of {module} have no indices in {ADAPTER_CONFIG}",
+                             where=str(self.folder))
         return tuple(int(i) for i in indices)
 
     # -- what the adapter changes --------------------------------------------------------------------

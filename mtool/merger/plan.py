@@ -186,7 +186,8 @@ class _Planner:
         blocks += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(self.recipe.models or [])]
         for i, output_slice in enumerate(self.recipe.slices or []):
             blocks.append((f"slices[{i}].parameters", output_slice.parameters))
-            blocks += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(output_slice.sources)]
+            blocks += [(f"slices[{i}].sources[{j}].parameters", s.parameters)
+                       for j, s in enumerate(output_slice.sources)]
         for where, block in blocks:
             for name in block or {}:
                 if name not in known:

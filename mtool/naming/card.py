@@ -210,7 +210,8 @@ def build_card(folder: str | os.PathLike, *, name: str | None = None, license: s
             relation = "adapter"
         elif facts.method is not None:
             relation = facts.method.relation
-    content = CardContent(facts=facts, name=model_name, title=model_name.format() if model_name else output_name(facts.folder),
+    content = CardContent(facts=facts, name=model_name,
+                          title=model_name.format() if model_name else output_name(facts.folder),
                           repo_id=repo_id or (model_name.format() if model_name else output_name(facts.folder)),
                           license=resolution, base_models=base_models, local_parents=local, relation=relation,
                           gaps=gaps)

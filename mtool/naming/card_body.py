@@ -93,7 +93,8 @@ def _summary(content: CardContent) -> str:
         adapters = ", ".join(_code(a) for a in roles["adapter"])
         return f"{content.title} is a {method} combination of the LoRA adapters {adapters}, made with mtool."
     if lineage.operation == "train":
-        kind = (lineage.method or "lora").upper().replace("DORA", "DoRA").replace("QLORA", "QLoRA").replace("LORA", "LoRA")
+        kind = ((lineage.method or "lora").upper()
+                .replace("DORA", "DoRA").replace("QLORA", "QLoRA").replace("LORA", "LoRA"))
         what = f"a {kind} adapter for" if facts.is_adapter else "a fine-tune of"
         return f"{content.title} is {what} {_code(base or 'its base')}, trained with {method}{data}, made with mtool."
     if lineage.operation == "adapter-merge":
@@ -134,12 +135,13 @@ def _usage(content: CardContent) -> list[str]:
                 'print(tokenizer.decode(outputs[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))']
     if task != "text-generation":
         return ["```python", "from transformers import pipeline", "",
-                f'classifier = pipeline("{task}", model="{model_id}")', 'print(classifier("mtool writes model cards."))',
-                "```"]
+                f'classifier = pipeline("{task}", model="{model_id}")',
+                'print(classifier("mtool writes model cards."))', "```"]
     if facts.is_adapter:
         base = content.base_models[0] if content.base_models else None
         base_reference = base or str((facts.adapter_config or {}).get("base_model_name_or_path") or "")
-        lines = ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        lines = ["```python", "from peft import PeftModel",
+                 "from transformers import AutoModelForCausalLM, AutoTokenizer",
                  "", f'base_id = "{base_reference}"', f'adapter_id = "{model_id}"',
                  "tokenizer = AutoTokenizer.from_pretrained(base_id)",
                  'model = AutoModelForCausalLM.from_pretrained(base_id, dtype="auto", device_map="auto")',
@@ -168,7 +170,8 @@ def _license_section(content: CardContent) -> list[str]:
     if resolution.notices:
         lines += ["", "Notices of the parents' licenses:", ""] + [f"> {notice}" for notice in resolution.notices]
     if resolution.conditions:
-        lines += ["", "Conditions inherited from the parents' licenses:", ""] + [f"- {c}" for c in resolution.conditions]
+        lines += (["", "Conditions inherited from the parents' licenses:", ""]
+                  + [f"- {c}" for c in resolution.conditions])
     if resolution.name_prefix:
         lines += ["", f"Its name must begin with {_code(resolution.name_prefix)}."]
     if resolution.reports:
@@ -208,7 +211,8 @@ def render_body(content: CardContent) -> str:
             lines += ["Parents that are local folders are listed above but not written as `base_model` ids: "
                       + ", ".join(_code(p.id) for p in content.local_parents) + ".", ""]
         if lineage.outputs:
-            lines += ["Output files:", ""] + [f"- {_code(f)} sha256 {_code(d)}" for f, d in sorted(lineage.outputs.items())]
+            lines += ["Output files:", ""] + [f"- {_code(f)} sha256 {_code(d)}"
+                                              for f, d in sorted(lineage.outputs.items())]
             lines.append("")
         if lineage.recipe:
             import yaml

@@ -26,7 +26,8 @@ def name() -> None:
 @name.command()
 @click.argument("model_dir", type=MODEL_DIR)
 @click.option("--label", help="The Label part (default: from the data set, the merged models or the folder name).")
-@click.option("--version", "version", default="v1.0", show_default=True, help="This artifact's version, v<Major>.<Minor>.")
+@click.option("--version", "version", default="v1.0", show_default=True,
+              help="This artifact's version, v<Major>.<Minor>.")
 @click.option("--method", help="The Method, for a folder whose lineage record does not name it (SFT, SLERP, ...).")
 @click.option("--json", "as_json", is_flag=True, help="Print the name, its parts and where each came from as JSON.")
 def suggest(model_dir: str, label: str | None, version: str, method: str | None, as_json: bool) -> None:
@@ -93,8 +94,10 @@ def parse(text: str) -> None:
 
 @click.command()
 @click.argument("model_dir", type=MODEL_DIR)
-@click.option("--name", "model_name", help="The model's name (default: `mtool name suggest`'s); must follow the schema.")
-@click.option("--license", "license_id", help="Publish under this license instead of the one resolved from the parents.")
+@click.option("--name", "model_name",
+              help="The model's name (default: `mtool name suggest`'s); must follow the schema.")
+@click.option("--license", "license_id",
+              help="Publish under this license instead of the one resolved from the parents.")
 @click.option("--repo-id", help="The Hub id the folder will be uploaded as, for the usage snippet (default: the name).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Where to write the card (default: MODEL_DIR/README.md).")
 @click.option("--force", is_flag=True, help="Replace an existing card.")

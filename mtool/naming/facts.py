@@ -58,7 +58,8 @@ def read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot parse {path.name}: {error}", where=str(path), fix="repair or delete the file") from None
+        raise InputError(f"cannot parse {path.name}: {error}", where=str(path),
+                         fix="repair or delete the file") from None
     return data if isinstance(data, dict) else None
 
 
@@ -343,7 +344,8 @@ def read_facts(folder: str | Path) -> FolderFacts:
         if counted is not None:
             facts.parameters, facts.size = counted, size_label(counted)
     if facts.size is None:
-        facts.gaps.append("the Size is unknown: no weights to count" + (" for the adapter's base" if is_adapter else ""))
+        facts.gaps.append("the Size is unknown: no weights to count"
+                          + (" for the adapter's base" if is_adapter else ""))
 
     if lineage is not None:
         method = method_of_lineage(lineage)

@@ -88,7 +88,8 @@ def _size_against(parts: NameParts, facts: FolderFacts) -> list[Finding]:
         if facts.size is None:
             return [Finding("unverified", "the Size could not be checked: no weights to count",
                             "keep the weights (or the adapter's base) where the lineage says")]
-        if parse_size(facts.size) and parse_size(parts.size) and parse_size(facts.size).count == parse_size(parts.size).count:
+        if (parse_size(facts.size) and parse_size(parts.size)
+                and parse_size(facts.size).count == parse_size(parts.size).count):
             return []
         return [Finding("unverified", f"Size {parts.size}; the base's id says {facts.size} ({facts.size_source})",
                         "check the base's parameter count")]

@@ -214,7 +214,8 @@ def _character_findings(name: str) -> list[Finding]:
     if "--" in name or ".." in name:
         findings.append(Finding("double-separator", "contains '--' or '..'", "use a single '-' between parts"))
     if name[:1] in "-." or name[-1:] in "-.":
-        findings.append(Finding("edge-separator", "starts or ends with '-' or '.'", "remove the leading/trailing separator"))
+        findings.append(Finding("edge-separator", "starts or ends with '-' or '.'",
+                                "remove the leading/trailing separator"))
     return findings
 
 
@@ -345,7 +346,8 @@ def decompose(text: str) -> Decomposition:
     if result.stray_methods:
         if parts.method:
             findings.append(Finding("multiple-methods", f"methods {', '.join(result.stray_methods)} and {parts.method}",
-                                    f"keep only the last operation's method ({parts.method}); the card records the rest"))
+                                    f"keep only the last operation's method ({parts.method}); "
+                                    "the card records the rest"))
         else:
             method = find_method(result.stray_methods[-1])
             assert method is not None

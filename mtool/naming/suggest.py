@@ -50,7 +50,8 @@ def suggest_from_facts(facts: FolderFacts, *, label: str | None = None, version:
     if method is not None:
         chosen = find_method(method)
         if chosen is None:
-            raise InputError(f"unknown method {method!r}", where="--method", fix=f"use one of {', '.join(method_names())}")
+            raise InputError(f"unknown method {method!r}", where="--method",
+                             fix=f"use one of {', '.join(method_names())}")
         found = Derived(chosen, "--method")
     elif facts.method is not None:
         found = Derived(facts.method, facts.method_source)

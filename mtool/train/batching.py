@@ -154,6 +154,6 @@ def load_micro_batches(dataset: Any, groups: Sequence[Sequence[int]], *, packing
     for group in groups:
         masked = not group
         rows = dataset[list(group or fallback)]
-        examples = [{"input_ids": i, "labels": l} for i, l in zip(rows["input_ids"], rows["labels"])]
+        examples = [{"input_ids": ids, "labels": labels} for ids, labels in zip(rows["input_ids"], rows["labels"])]
         batches.append(collate(examples, packing=packing, pad_id=pad_id, masked=masked))
     return batches

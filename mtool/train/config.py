@@ -83,7 +83,8 @@ class LoraSettings(_Section):
 class DataSettings(_Section):
     """Where the examples come from and how they become token sequences."""
 
-    path: list[str] = Field(default_factory=list)  # JSONL/JSON/Parquet/CSV files, a folder of them, or a datasets folder
+    # JSONL/JSON/Parquet/CSV files, a folder of them, or a datasets folder
+    path: list[str] = Field(default_factory=list)
     format: DataFormat = "auto"
     split: str = "train"  # the split of a saved DatasetDict
     chat_template: str | None = None  # a built-in name (chatml, llama3, alpaca, mistral), a .jinja file, or Jinja text
@@ -103,7 +104,8 @@ class TrainingSettings(_Section):
 
     epochs: int = Field(1, gt=0)
     max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs
-    micro_batch_size: int = Field(2, gt=0)  # examples per forward pass (with packing: micro_batch_size * seq_len tokens)
+    # examples per forward pass (with packing: micro_batch_size * seq_len tokens)
+    micro_batch_size: int = Field(2, gt=0)
     grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step and process
     lr: float = Field(2e-4, gt=0)
     optimizer: OptimizerName = "adamw_8bit"

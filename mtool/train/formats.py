@@ -65,7 +65,8 @@ def check_columns(data_format: str, columns: Sequence[str], where: str) -> None:
     present = set(columns)
     if not any(set(needed) <= present for needed in FORMAT_COLUMNS[data_format]):
         wanted = " or ".join("/".join(needed) for needed in FORMAT_COLUMNS[data_format])
-        raise InputError(f"data.format is {data_format}, but the data has no {wanted} column (it has {sorted(present)})",
+        raise InputError(f"data.format is {data_format}, but the data has no {wanted} column "
+                         f"(it has {sorted(present)})",
                          where=where, fix="set data.format to auto or rename the columns")
 
 
@@ -166,7 +167,8 @@ def alpaca_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
     extra = record.get("input")
     user = f"{instruction}\n\n{extra}" if extra else instruction
     messages = [{"role": "system", "content": str(record["system"])}] if record.get("system") else []
-    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": str(record.get("output") or "")}]
+    return messages + [{"role": "user", "content": user},
+                       {"role": "assistant", "content": str(record.get("output") or "")}]
 
 
 def render_record(record: Mapping[str, Any], data_format: str, chat: ChatRenderer, *, train_on_prompt: bool,

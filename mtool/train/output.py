@@ -71,7 +71,8 @@ def lineage_record(facts: OutputFacts, model: Any, metrics: dict[str, Any], hash
     settings = config.training
     parameters = {
         "objective": "sft",
-        "lora_scale": config.lora.resolved_alpha / (config.lora.rank ** 0.5 if config.lora.rslora else config.lora.rank),
+        "lora_scale": config.lora.resolved_alpha
+        / (config.lora.rank ** 0.5 if config.lora.rslora else config.lora.rank),
         "target_modules": sorted({name.rsplit(".", 1)[-1] for name in targets})
         if isinstance(targets, (set, list)) else targets,
         "modules_to_save": sorted(peft_config.modules_to_save or []),
@@ -91,7 +92,8 @@ def lineage_record(facts: OutputFacts, model: Any, metrics: dict[str, Any], hash
                       trained_tokens=facts.stats.trained_tokens, truncated=facts.stats.truncated,
                       dropped=facts.stats.dropped)
     return Lineage(operation="train", method=config.method,
-                   parents=[describe_parent(facts.base, "base", hasher=hasher)], recipe=config.as_dict(), parameters=parameters, seed=config.seed, dataset=dataset,
+                   parents=[describe_parent(facts.base, "base", hasher=hasher)], recipe=config.as_dict(),
+                   parameters=parameters, seed=config.seed, dataset=dataset,
                    parameter_count=trainable, metrics=metrics, is_adapter=True)
 
 

@@ -283,7 +283,8 @@ class MergeMethod:
         for label, value, low, high in (("models", count, self.min_inputs, self.max_inputs),
                                         ("models besides the base", non_base, self.min_non_base, self.max_non_base)):
             if value < low or (high is not None and value > high):
-                expected = f"exactly {low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
+                expected = (f"exactly {low}" if low == high
+                            else (f"at least {low}" if high is None else f"{low} to {high}"))
                 raise ConfigError(f"merge method {self.name!r} takes {expected} {label}, the recipe gives {value}",
                                   where=where)
 

@@ -22,7 +22,8 @@ def linear(tensors: list[torch.Tensor], weights: list[float], *, normalize: bool
 
 
 def linear_merge(task: MergeTask) -> torch.Tensor:
-    return linear(task.inputs, [float(p["weight"]) for p in task.model_params], normalize=bool(task.params["normalize"]))
+    return linear(task.inputs, [float(p["weight"]) for p in task.model_params],
+                  normalize=bool(task.params["normalize"]))
 
 
 LINEAR = MergeMethod(
