@@ -10,7 +10,7 @@ code; any other exception is reported the same way with its type, and ``-v`` sho
 
 from __future__ import annotations
 
-import gc
+import contextlib
 import importlib
 import os
 import sys
@@ -96,15 +96,30 @@ def main(verbose: int, quiet: bool) -> None:
 
 
 def run() -> None:
-    """The ``mtool`` executable: the group, then a quick exit. Interpreter shutdown would otherwise spend a
-    few tenths of a second collecting the garbage of the libraries a command imported (torch alone has some
-    hundred thousand objects); frozen, they are left to the operating system, like the rest of the process.
-    (Objects still in reference cycles then are not finalized; no command relies on that: outputs are written,
-    closed and renamed into place, and temporary folders removed, before it returns.)"""
+    """The ``mtool`` executable: the group, then an immediate exit.
+
+    Every command has written, closed and renamed its outputs (and removed its temporary folders) before it
+    returns, so the process leaves without the interpreter's teardown: collecting the objects of the libraries a
+    command imported took a few tenths of a second (torch alone has some hundred thousand objects), and native
+    extensions that check for leaks at teardown (nanobind's, in Triton, which bitsandbytes imports) would print
+    pages of warnings about objects still alive. Standard streams are flushed first.
+    """
+    code: object = 0
     try:
         main()
+    except SystemExit as exit_request:
+        code = exit_request.code
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        code = 130
     finally:
-        gc.freeze()
+        if isinstance(code, str):  # sys.exit("message"): printed, status 1, as the interpreter would
+            print(code, file=sys.stderr)
+            code = 1
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover
