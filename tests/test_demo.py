@@ -58,8 +58,8 @@ def test_prints_the_accuracy_table_and_each_fine_tune_beats_the_base_on_its_skil
 def test_names_lint_clean_and_cards_parse(demo) -> None:
     from huggingface_hub import ModelCard
 
+    from mtool.naming.check import parse_name
     from mtool.naming.lint import lint_name
-    from mtool.naming.schema import parse_name
 
     folder, _ = demo
     outputs = _named_outputs(folder)

@@ -7,10 +7,11 @@ import json
 import pytest
 
 from mtool.errors import InputError
+from mtool.naming.check import parse_name
 from mtool.naming.lint import lint_name
 from mtool.naming.methods import METHODS, find_method, method_of_record
 from mtool.naming.rules import RULES
-from mtool.naming.schema import ModelName, decompose, parse_name
+from mtool.naming.schema import ModelName, decompose
 
 # name -> (findings' rule ids at warning/error level, suggested name or None)
 NAMES: dict[str, tuple[set[str], str | None]] = {
@@ -219,7 +220,7 @@ def test_cli_parse_of_a_community_name_exits_1_with_the_reading_and_a_rewrite(ru
     data = json.loads(result.output)
     assert data["conforms"] is False
     assert data["size"] == "13B" and data["version"] == "v0.3" and data["encoding"] == "GGUF"
-    assert {e["rule"] for e in data["errors"]} == {"multiple-methods", "no-label"}
+    assert {e["rule"] for e in data["errors"]} == {"multiple-methods", "no-label", "family-position"}  # as lint says
     assert data["suggestion"] == "Llama-2-13B-MythoMaxKimikoV2-DARE-TIES-v0.3-GGUF"
 
 

@@ -21,9 +21,10 @@ from pathlib import Path
 from mtool.errors import InputError, OutputExistsError
 from mtool.lineage import Lineage, Parent, declared_license
 from mtool.naming.card_body import pipeline_tag, render_body
+from mtool.naming.check import parse_name
 from mtool.naming.facts import FolderFacts, base_parent, hub_id_of_path, output_name, read_facts
 from mtool.naming.license import LicenseResolution, ParentLicense, publisher_license, resolve_license
-from mtool.naming.schema import ModelName, parse_name
+from mtool.naming.schema import ModelName
 from mtool.naming.suggest import suggest_from_facts
 
 CARD_FILENAME = "README.md"

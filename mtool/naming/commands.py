@@ -70,10 +70,10 @@ def lint(text: str, model_dir: str | None, as_json: bool) -> None:
 def parse(text: str) -> None:
     """Print the parts of NAME as JSON; exit 1 when NAME does not follow the schema (the parts are then the
     grammar's best reading, and `suggestion` a conforming rewrite when one can be made)."""
+    from mtool.naming.check import check_name
     from mtool.naming.lint import lint_name
-    from mtool.naming.schema import decompose
 
-    decomposition = decompose(text)
+    decomposition = check_name(text)
     conforming = decomposition.model_name()
     if conforming is not None:
         output = {"name": decomposition.name, "conforms": True, **conforming.to_dict(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import unicodedata
 
+from mtool.naming.check import check_name
 from mtool.naming.family import find_family, has_release, is_variant_word
 from mtool.naming.methods import find_method
 from mtool.naming.schema import (
@@ -88,4 +89,4 @@ def rewrite(text: str) -> ModelName | None:
         return None
     name = ModelName(family=family, size=size, base_variant=variant, label=label, method=methods[-1].name,
                      version=version or "v1.0", lora=lora, encoding="-".join(encoding) or None)
-    return name if decompose(name.format()).model_name() == name else None
+    return name if check_name(name.format()).model_name() == name else None

@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from mtool.errors import InputError
+from mtool.naming.check import check_name, family_findings
 from mtool.naming.community import rewrite
 from mtool.naming.facts import FolderFacts, read_facts
-from mtool.naming.family import find_family, is_variant_word
+from mtool.naming.family import is_variant_word
 from mtool.naming.methods import canonical_method
 from mtool.naming.rules import Finding, has_errors
-from mtool.naming.schema import Decomposition, NameParts, decompose, is_version_like
+from mtool.naming.schema import Decomposition, NameParts
 from mtool.naming.size import ParameterCount, parse_size, size_deviation
 
 SIZE_ROUNDING_TOLERANCE = 0.25  # a Size within 25 % of the count is publisher-style rounding (warning), beyond: error
@@ -37,34 +38,6 @@ class LintReport:
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "ok": self.ok, "findings": [f.to_dict() for f in self.findings],
                 "parts": asdict(self.parts), "suggestion": self.suggestion, "checked_against": self.checked_against}
-
-
-def family_findings(decomposition: Decomposition) -> list[Finding]:
-    """What the known model families say about the Family part (shorthands, spelling, position)."""
-    findings: list[Finding] = []
-    tokens = decomposition.tokens
-    known = find_family(tokens)
-    family_tokens = decomposition.family_tokens
-    if known is None or not family_tokens:
-        return findings
-    if known.start > 0:
-        moved = [t for t in tokens[:known.start] + family_tokens[known.end:] if not is_version_like(t)]
-        findings.append(Finding("family-position", f"the base family {known.family} ({known.spelled(tokens)}) is "
-                                "not at the start", f"start the name with {known.family}; move "
-                                f"{'-'.join(moved)} into the Label"))
-        return findings
-    if known.shorthand:
-        findings.append(Finding("family-shorthand", f"{known.spelled(tokens)} abbreviates {known.family}",
-                                f"write {known.family}"))
-    elif known.spelled(tokens) != known.family:
-        findings.append(Finding("family-spelling", f"{known.spelled(tokens)!r} is spelled {known.family!r} by its "
-                                "publisher", f"write {known.family}"))
-    extra = [t for t in family_tokens[known.end:] if not is_version_like(t)]
-    if decomposition.parts.size is not None and extra:
-        findings.append(Finding("family-spelling", f"the Family {'-'.join(family_tokens)!r} extends {known.family} "
-                                f"with {'-'.join(extra)}", f"keep {known.family} and move {'-'.join(extra)} "
-                                "into the Label"))
-    return findings
 
 
 def _family_against(parts: NameParts, facts: FolderFacts) -> list[Finding]:
@@ -135,13 +108,9 @@ def lint_name(text: str, model: str | Path | FolderFacts | None = None) -> LintR
     """Every finding for ``text`` (and against ``model``, a folder or its facts), with a corrected name."""
     if not text or not text.strip():
         raise InputError("empty name", fix="give the name to check")
-    decomposition = decompose(text)
+    decomposition = check_name(text)
     findings = list(decomposition.findings)
-    findings += family_findings(decomposition)
     parts = decomposition.parts
-    if parts.label and is_variant_word(parts.label):
-        findings.append(Finding("label-variant", f"the Label {parts.label!r} is a base-variant word",
-                                "add a Label that says what this artifact is"))
     report = LintReport(name=text, findings=findings, parts=parts)
     facts = read_facts(model) if isinstance(model, (str, Path)) else model
     if facts is not None:

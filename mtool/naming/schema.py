@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from mtool.errors import InputError
 from mtool.naming.methods import Relation, canonical_method, find_method, relation_of
 from mtool.naming.rules import Finding, has_errors
 
@@ -385,14 +384,3 @@ def decompose(text: str) -> Decomposition:
         findings.append(Finding("dot-outside-number", f"'.' outside a number in {', '.join(misplaced_dots)}",
                                 "use '.' only between digits; join words in CamelCase"))
     return result
-
-
-def parse_name(text: str) -> ModelName:
-    """The :class:`ModelName` ``text`` spells; :class:`InputError` naming the first grammar error otherwise."""
-    decomposition = decompose(text)
-    name = decomposition.model_name()
-    if name is None:
-        first = next(f for f in decomposition.findings if f.severity == "error")
-        raise InputError(f"not a valid model name: {first.message}", where=text,
-                         fix=f"{first.fix} (run `mtool name lint` for every finding)")
-    return name

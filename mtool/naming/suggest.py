@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtool.errors import InputError
+from mtool.naming.check import check_name
 from mtool.naming.facts import Derived, FolderFacts, derive_label, read_facts
 from mtool.naming.methods import find_method, method_names
-from mtool.naming.schema import ModelName, canonical_version, decompose, is_word
+from mtool.naming.schema import ModelName, canonical_version, is_word
 
 
 @dataclass(frozen=True)
@@ -67,8 +68,9 @@ def suggest_from_facts(facts: FolderFacts, *, label: str | None = None, version:
     name = ModelName(family=facts.base.family, size=facts.size, base_variant=facts.base.variant,
                      label=str(chosen_label.value), method=found.value.name, version=normalize_version(version),
                      lora=facts.is_adapter)
-    if decompose(name.format()).model_name() is None:
-        problems = "; ".join(str(f) for f in decompose(name.format()).findings if f.severity == "error")
+    checked = check_name(name.format())
+    if checked.model_name() is None:
+        problems = "; ".join(str(f) for f in checked.findings if f.severity == "error")
         raise InputError(f"the derived name {name} does not follow the schema: {problems}", where=str(facts.folder),
                          fix="pass --label (and check the lineage record)")
     sources = {"family": facts.family_source, "size": facts.size_source, "method": found.source,
