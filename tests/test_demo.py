@@ -149,3 +149,22 @@ def test_force_replaces_an_earlier_demo_even_a_failed_one_and_nothing_else(tmp_p
     with pytest.raises(OutputExistsError, match="not a folder written by `mtool demo`"):
         prepare_folder(other, force=True)
     assert (other / "keep.txt").read_text() == "mine"
+
+
+def test_suggested_names_label_the_skills_even_for_renamed_copies(demo, tmp_path: Path) -> None:
+    """The label comes from what distinguishes each model (its data, the labels of what it merged), not from the
+    folder it happens to be in: copies under neutral names get the same names."""
+    import shutil
+
+    from mtool.naming.suggest import suggest_name
+
+    folder, _ = demo
+    outputs = _named_outputs(folder)
+    assert len(outputs) == 9
+    for index, output in enumerate(outputs):
+        assert str(suggest_name(output)) == output.name
+        copy = tmp_path / f"output-{index}"
+        shutil.copytree(output, copy)
+        suggested = suggest_name(copy)
+        assert str(suggested) == output.name
+        assert suggested.label in ("Capitals", "Symbols", "CapitalsSymbols")

@@ -318,6 +318,7 @@ def test_mtool_merge_writes_a_card_that_names_the_merge(folders: Folders, tmp_pa
     run_cli("merge", recipe, out)
     card, data = _load(out / "README.md")
     size = _label(_count(out))
-    assert data["model_name"] == str(suggest_name(out)) == f"Llama-{size}-Local-SLERP-v1.0"  # "merge" is no Label word
+    # the merged model is itself a merge of Kimiko: its label is the label of what it merged
+    assert data["model_name"] == str(suggest_name(out)) == f"Llama-{size}-Kimiko-SLERP-v1.0"
     assert "base_model" not in data and "slerp" in data["tags"]
     assert str(folders.local_merge) in card.text and "merge_method: slerp" in card.text

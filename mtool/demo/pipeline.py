@@ -28,7 +28,7 @@ from mtool.demo.report import Row
 from mtool.demo.tasks import Task, all_tasks, general_task, skill_tasks, tokenizer_corpus
 from mtool.errors import OutputExistsError
 from mtool.io.hashing import FileHasher
-from mtool.naming.facts import label_from_words
+from mtool.naming.label import label_from_words
 
 MARKER = "mtool-demo.json"  # marks a folder as a demo output, so --force may replace it
 

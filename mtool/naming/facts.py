@@ -14,22 +14,13 @@ from pathlib import Path
 
 from mtool.errors import CheckpointError, InputError
 from mtool.lineage import Lineage, Parent, read_lineage
-from mtool.naming.family import (
-    BaseModelName,
-    family_from_config,
-    family_from_model_id,
-    find_family,
-    is_variant_word,
-    split_model_id,
-)
-from mtool.naming.methods import Method, canonical_method, find_method, method_of_record
-from mtool.naming.schema import camel_join, is_encoding, is_lora_marker, is_size_like, is_version_like, is_word
+from mtool.naming.family import BaseModelName, family_from_config, family_from_model_id, find_family, split_model_id
+from mtool.naming.methods import Method, canonical_method, method_of_record
 from mtool.naming.size import ParameterCount, count_parameters, size_label
 
 _STAGING = re.compile(r"\.(?P<name>.+)\.partial-[^.]+")  # the staging folder of mtool.checkpoint.atomic_output_dir
 _HUB_CACHE = re.compile(r"models--(?P<owner>[^/]+?)--(?P<name>[^/]+)/snapshots/")
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+")
-LABEL_MAX = 32
 
 
 def output_name(folder: Path) -> str:
@@ -229,68 +220,6 @@ def method_of_lineage(lineage: Lineage) -> Derived | None:
     if operation == "resize":
         return Derived(canonical_method("Resize"), "an adapter re-factored to another rank")
     return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Label
-
-
-def distinctive_words(reference: str) -> list[str]:
-    """The words of a model id / path / data set id that are not family, size, version, method, variant or
-    encoding: ``Gryphe/MythoMax-L2-13b`` -> ``["MythoMax"]``."""
-    name = Path(reference).stem if ("/" in reference and not looks_like_hub_id(reference)) else reference
-    tokens = split_model_id(name)
-    known = find_family(tokens)
-    if known is not None:
-        tokens = tokens[:known.start] + tokens[known.end:]
-    return [t for t in tokens
-            if not (is_size_like(t) or is_version_like(t) or is_encoding(t) or is_lora_marker(t)
-                    or find_method(t) or is_variant_word(t) or t.lower() in ("hf", "model", "merge", "merged"))
-            and re.fullmatch(r"[A-Za-z0-9]+", t)]
-
-
-def label_from_words(words: list[str]) -> str | None:
-    label = camel_join(words)[:LABEL_MAX]
-    return label if label and is_word(label) and any(c.isalpha() for c in label) else None
-
-
-def _label_of_record(lineage: Lineage) -> Derived | None:
-    if lineage.dataset is not None:
-        label = label_from_words(distinctive_words(lineage.dataset.id))
-        if label:
-            return Derived(label, f"the data set {lineage.dataset.id}")
-    if lineage.operation in ("merge", "combine"):
-        words = []
-        for parent in lineage.parents:
-            if parent.role in ("model", "adapter"):
-                found = distinctive_words(parent.id)
-                if found:
-                    words.append(found[0])
-        label = label_from_words(list(dict.fromkeys(words))[:3])
-        if label:
-            return Derived(label, "the merged models' names")
-    for role in ("adapter", "model"):
-        for parent in lineage.parents:
-            if parent.role != role:
-                continue
-            if parent.lineage is not None:
-                inner = _label_of_record(parent.lineage)
-                if inner is not None:
-                    return inner
-            label = label_from_words(distinctive_words(parent.id))
-            if label:
-                return Derived(label, f"the {role} {parent.id}")
-    return None
-
-
-def derive_label(folder: Path, lineage: Lineage | None) -> Derived | None:
-    """The Label: from the training data set, the merged models' names, the adapter's, else the folder name."""
-    if lineage is not None:
-        found = _label_of_record(lineage)
-        if found is not None:
-            return found
-    label = label_from_words(distinctive_words(output_name(folder)))
-    return Derived(label, f"the folder name {output_name(folder)}") if label else None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from mtool.errors import InputError
 from mtool.naming.check import check_name
-from mtool.naming.facts import Derived, FolderFacts, derive_label, read_facts
+from mtool.naming.facts import Derived, FolderFacts, read_facts
+from mtool.naming.label import derive_label
 from mtool.naming.methods import find_method, method_names
 from mtool.naming.schema import ModelName, canonical_version, is_word
 
