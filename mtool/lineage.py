@@ -80,6 +80,7 @@ class Lineage(BaseModel):
     parameter_count: int | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     is_adapter: bool = False  # the output is a PEFT adapter, not a full model
+    license: str | None = None  # declared by the output's publisher (mtool card --license); None: from the parents
 
     def roots(self) -> list[Parent]:
         """The parents at the bottom of the tree: those that carry no record of their own."""
@@ -147,6 +148,10 @@ def describe_parent(reference: ModelRef | str | os.PathLike, role: Role, *, hash
         files = hasher.hash_files(open_checkpoint(reference.path).weight_files)
     except InputError:
         files = {}
+    record = read_lineage(folder)
+    # An mtool output's card states a license derived from its own parents: only an explicit declaration counts;
+    # otherwise its license is resolved from its record, so a later fix of an ancestor's license reaches it.
+    declared = record.license if record is not None and record.parents else declared_license(folder)
     return Parent(
         id=reference.id,
         role=role,
@@ -154,9 +159,9 @@ def describe_parent(reference: ModelRef | str | os.PathLike, role: Role, *, hash
         revision=reference.revision,
         path=str(folder.resolve()),
         files=files,
-        license=declared_license(folder),
+        license=declared,
         weight=weight,
-        lineage=read_lineage(folder),
+        lineage=record,
     )
 
 
@@ -173,21 +178,12 @@ def describe_parents_in_background(inputs: Sequence[ParentInput], hasher: FileHa
 
 def declared_license(folder: str | os.PathLike) -> str | None:
     """The license a model folder declares: its README front matter ``license:``, else config.json."""
-    folder = Path(folder)
-    readme = folder / "README.md"
-    if readme.is_file():
-        text = readme.read_text(encoding="utf-8", errors="replace")
-        if text.startswith("---"):
-            end = text.find("\n---", 3)
-            if end > 0:
-                import yaml
+    from mtool.io.folders import card_metadata
 
-                try:
-                    front = yaml.safe_load(text[3:end]) or {}
-                except yaml.YAMLError:
-                    front = {}
-                if isinstance(front, dict) and front.get("license"):
-                    return str(front["license"])
+    folder = Path(folder)
+    value = card_metadata(folder / "README.md").get("license")
+    if value:
+        return str(value)
     config = folder / "config.json"
     if config.is_file():
         try:

@@ -168,3 +168,13 @@ def test_suggested_names_label_the_skills_even_for_renamed_copies(demo, tmp_path
         suggested = suggest_name(copy)
         assert str(suggested) == output.name
         assert suggested.label in ("Capitals", "Symbols", "CapitalsSymbols")
+
+
+def test_every_card_the_demo_writes_is_publishable(demo) -> None:
+    from mtool.naming.publishable import card_problems
+
+    folder, _ = demo
+    cards = sorted(folder.glob("*/README.md"))
+    assert len(cards) >= 9
+    for card in cards:
+        assert card_problems(card.read_text()) == [], card

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mtool.errors import InputError, OutputExistsError
-from mtool.lineage import Dataset, Lineage, Parent, write_lineage
+from mtool.lineage import Dataset, Lineage, Parent, read_lineage, write_lineage
 from mtool.naming.card import write_card
 from mtool.naming.lint import lint_name
 from mtool.naming.suggest import suggest_name
@@ -230,7 +230,8 @@ def test_card_body_documents_the_lineage(folders: Folders, tmp_path: Path) -> No
     _, data = _load(write_card(folders.finetune, out=tmp_path / "finetune.md"))
     finetune = (tmp_path / "finetune.md").read_text()
     assert "![Training loss](loss.png)" in finetune
-    assert "datasets" not in data and "/data/tutor_chats.jsonl" in finetune  # local data: body only
+    assert "datasets" not in data and "tutor_chats.jsonl" in finetune  # local data: body only, by name
+    assert "/data/tutor_chats.jsonl" not in finetune
     assert "AutoModelForCausalLM.from_pretrained(model_id" in finetune and "apply_chat_template" in finetune
     assert {"orpo", "fine-tune"} <= set(data["tags"])
 
@@ -259,7 +260,8 @@ def test_no_local_path_is_ever_a_base_model_id(folders: Folders, tmp_path: Path)
     _, data = _load(tmp_path / "local_merge.md")
     assert "base_model" not in data and "base_model_relation" not in data
     text = (tmp_path / "local_merge.md").read_text()
-    assert "not written as `base_model` ids" in text and str(folders.base) in text
+    assert "not written as `base_model` ids" in text and f"`{folders.base.name}`" in text
+    assert str(folders.base) not in text  # local folders by name and hash, never by path
 
 
 def test_folder_without_lineage_gets_a_card_with_its_gaps(folders: Folders, tmp_path: Path, run_cli) -> None:
@@ -272,21 +274,34 @@ def test_folder_without_lineage_gets_a_card_with_its_gaps(folders: Folders, tmp_
     assert "## Gaps" in card.text and "no lineage record" in card.text and "no standardized name" in card.text
 
 
-def test_card_cli_refuses_to_overwrite_without_force(folders: Folders, tmp_path: Path, run_cli) -> None:
+def test_card_cli_regenerates_its_own_cards_and_keeps_hand_written_ones(folders: Folders, tmp_path: Path,
+                                                                        run_cli) -> None:
     folder = tmp_path / "finetune"
     shutil.copytree(folders.finetune, folder)
-    run_cli("card", folder)
-    assert (folder / "README.md").is_file()
-    before = (folder / "README.md").read_text()
-    result = run_cli("card", folder, "--license", "mit", expect=OutputExistsError.exit_code)
-    assert "--force" in result.output and (folder / "README.md").read_text() == before
-    run_cli("card", folder, "--license", "mit", "--force", "--name", "Qwen2.5-1M-Instruct-Tutor-ORPO-v1.1",
-            "--repo-id", "someone/Qwen2.5-Tutor")
+    first = run_cli("card", folder)
+    assert "wrote" in first.output and (folder / "README.md").is_file()
+    again = run_cli("card", folder, "--license", "mit", "--name", "Qwen2.5-1M-Instruct-Tutor-ORPO-v1.1",
+                    "--repo-id", "someone/Qwen2.5-Tutor")
+    assert "regenerated" in again.output  # a card mtool wrote is derived from the record: written again
     card, data = _load(folder / "README.md")
     assert data["license"] == "mit" and data["model_version"] == "v1.1"
-    assert 'model_id = "someone/Qwen2.5-Tutor"' in card.text
+    assert 'model_id = "someone/Qwen2.5-Tutor"' in card.text and "chosen by its publisher" in card.text
     assert "less restrictive" not in card.text  # apache-2.0 parents: mit is no less restrictive
-    assert "not a valid model name" in run_cli("card", folder, "--force", "--name", "bad name", expect=2).output
+    assert read_lineage(folder).license == "mit"  # kept: the next card (and descendants) use it
+    assert _load_again(run_cli, folder)["license"] == "mit"
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n\nMy own words.\n")
+    result = run_cli("card", folder, expect=OutputExistsError.exit_code)
+    assert "--force" in result.output and "My own words" in (folder / "README.md").read_text()
+    printed = run_cli("card", folder, "--stdout")
+    assert printed.output.startswith("---\n") and "My own words" in (folder / "README.md").read_text()
+    run_cli("card", folder, "--force")
+    assert "My own words" not in (folder / "README.md").read_text()
+    assert "not a valid model name" in run_cli("card", folder, "--name", "bad name", expect=2).output
+
+
+def _load_again(run_cli, folder: Path) -> dict:
+    run_cli("card", folder)
+    return _load(folder / "README.md")[1]
 
 
 def test_write_card_on_a_missing_folder_is_an_input_error(tmp_path: Path) -> None:
@@ -321,4 +336,5 @@ def test_mtool_merge_writes_a_card_that_names_the_merge(folders: Folders, tmp_pa
     # the merged model is itself a merge of Kimiko: its label is the label of what it merged
     assert data["model_name"] == str(suggest_name(out)) == f"Llama-{size}-Kimiko-SLERP-v1.0"
     assert "base_model" not in data and "slerp" in data["tags"]
-    assert str(folders.local_merge) in card.text and "merge_method: slerp" in card.text
+    assert "`local-merge`" in card.text and str(folders.local_merge) not in card.text
+    assert "merge_method: slerp" in card.text

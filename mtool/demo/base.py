@@ -38,6 +38,7 @@ def make_demo_base(folder: str | os.PathLike, corpus: list[str], pretraining: Ta
     import torch
 
     from mtool.lineage import Dataset, Lineage, write_lineage
+    from mtool.naming.card import write_card
     from mtool.tinymodels import TinySpec, build_model, build_tokenizer, save_model
 
     tokenizer = build_tokenizer(settings.vocab_size, corpus)
@@ -63,6 +64,7 @@ def make_demo_base(folder: str | os.PathLike, corpus: list[str], pretraining: Ta
                      parameter_count=sum(p.numel() for p in model.parameters()),
                      metrics={"train_loss": round(final_loss, 4)})
     write_lineage(folder, record)
+    write_card(folder)  # derived from the record, like every output's
     return final_loss
 
 

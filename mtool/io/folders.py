@@ -128,3 +128,22 @@ def set_config_dtype(config: dict[str, Any], dtype: "torch.dtype") -> dict[str, 
     config["dtype"] = str(dtype).removeprefix("torch.")
     config.pop("torch_dtype", None)
     return config
+
+
+def card_metadata(readme: Path) -> dict[str, Any]:
+    """A model card's metadata: the YAML mapping between the first two ``---`` lines of its README.md ({} when
+    the file, the block or a mapping in it is missing, or the YAML does not parse)."""
+    import yaml
+
+    try:
+        text = readme.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return {}
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    try:
+        data = yaml.safe_load(text[3:end]) if end > 0 else None
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtool.errors import InputError, OutputExistsError
-from mtool.lineage import Lineage, Parent, declared_license
+from mtool.io.folders import card_metadata
+from mtool.lineage import Lineage, Parent, declared_license, read_lineage, write_lineage
 from mtool.naming.card_body import pipeline_tag, render_body
 from mtool.naming.check import parse_name
 from mtool.naming.facts import FolderFacts, base_parent, hub_id_of_path, output_name, read_facts
-from mtool.naming.license import LicenseResolution, ParentLicense, publisher_license, resolve_license
+from mtool.naming.license import LicenseResolution, ParentLicense, normalize_license, publisher_license, resolve_license
+from mtool.naming.publishable import display_reference
 from mtool.naming.schema import ModelName
 from mtool.naming.suggest import suggest_from_facts
 
@@ -57,17 +59,6 @@ class CardContent:
 # Licenses of the parents
 
 
-def _front_matter_of(readme: Path) -> dict:
-    if not readme.is_file():
-        return {}
-    from huggingface_hub.repocard import metadata_load
-
-    try:
-        return metadata_load(readme) or {}
-    except Exception:  # noqa: BLE001 - an unreadable parent card only costs its license details
-        return {}
-
-
 def _cached_hub_card(repo_id: str, revision: str | None) -> dict:
     """The front matter of a Hub model's README.md when it is in the local Hugging Face cache."""
     from huggingface_hub import try_to_load_from_cache
@@ -76,27 +67,46 @@ def _cached_hub_card(repo_id: str, revision: str | None) -> dict:
         found = try_to_load_from_cache(repo_id, CARD_FILENAME, revision=revision)
     except Exception:  # noqa: BLE001 - a malformed id or cache is "not cached"
         return {}
-    return _front_matter_of(Path(found)) if isinstance(found, str) else {}
+    return card_metadata(Path(found)) if isinstance(found, str) else {}
+
+
+def _current_record(parent: Parent) -> Lineage | None:
+    """The parent's record as its folder holds it now, when that folder still holds the same weights (a later
+    license fix then shows up); else the record embedded when the output was made."""
+    if parent.files and parent.path and Path(parent.path).is_dir():
+        try:
+            current = read_lineage(parent.path)
+        except InputError:
+            current = None
+        if current is not None and current.outputs == parent.files:
+            return current
+    return parent.lineage
 
 
 def parent_license(parent: Parent) -> ParentLicense:
-    """A parent's license: declared in the record, in its card (local folder or cached Hub card), resolved
-    from its own embedded record, else its publisher's known license (reported as inferred)."""
+    """A parent's license. An mtool output (a record with parents): the license its publisher declared for it,
+    else the resolution of its own parents' licenses, from its current record. Any other model: its card as it is
+    now (local folder or cached Hub card), else what the record noted, else its publisher's known license
+    (reported as inferred); unknown when none of these says."""
+    shown = display_reference(parent.id, is_hub=parent.is_hub)
+    record = _current_record(parent)
+    if record is not None and record.parents:
+        if record.license:
+            return ParentLicense(shown, record.license)
+        inner = resolve_license(license_parents(record))
+        return ParentLicense(shown, inner.license, inner.license_name, inner.license_link)
     front: dict = {}
     if parent.path and Path(parent.path).is_dir():
-        front = _front_matter_of(Path(parent.path) / CARD_FILENAME)
+        front = card_metadata(Path(parent.path) / CARD_FILENAME)
     hub_id = parent.id if parent.is_hub else hub_id_of_path(parent.path)
     if not front and hub_id:
         front = _cached_hub_card(hub_id, parent.revision)
-    declared = parent.license or front.get("license")
+    declared = front.get("license") or parent.license
     if declared:
-        return ParentLicense(parent.id, str(declared), front.get("license_name"), front.get("license_link"))
-    if parent.lineage is not None and parent.lineage.parents:
-        inner = resolve_license(license_parents(parent.lineage))
-        return ParentLicense(parent.id, inner.license, inner.license_name, inner.license_link)
+        return ParentLicense(shown, str(declared), front.get("license_name"), front.get("license_link"))
     if hub_id and publisher_license(hub_id):
-        return ParentLicense(parent.id, publisher_license(hub_id), inferred=True)
-    return ParentLicense(parent.id, None)
+        return ParentLicense(shown, publisher_license(hub_id), inferred=True)
+    return ParentLicense(shown, None)
 
 
 def license_parents(lineage: Lineage) -> list[ParentLicense]:
@@ -187,8 +197,9 @@ def build_card(folder: str | os.PathLike, *, name: str | None = None, license: s
         except InputError as error:
             gaps.append(f"no standardized name: {error.what}")
     lineage = facts.lineage
-    if lineage is not None:
-        resolution = resolve_license(license_parents(lineage), override=license)
+    override = license or (lineage.license if lineage is not None else None)
+    if lineage is not None and lineage.parents:
+        resolution = resolve_license(license_parents(lineage), override=override)
         hub_parents = _hub_parents(lineage, facts)
         base_models = list(dict.fromkeys(p.id for p in hub_parents if p.is_hub))
         local = [p for p in lineage.parents if not p.is_hub and p.role != "tokenizer"]
@@ -201,7 +212,7 @@ def build_card(folder: str | os.PathLike, *, name: str | None = None, license: s
             gaps.append("the training data set was not recorded")
     else:
         own = declared_license(facts.folder)
-        resolution = resolve_license([ParentLicense(output_name(facts.folder), own)], override=license)
+        resolution = resolve_license([ParentLicense(output_name(facts.folder), own)], override=override)
         base_models, local = [], []
     relation = None
     if base_models:
@@ -224,23 +235,40 @@ def build_card(folder: str | os.PathLike, *, name: str | None = None, license: s
     return content, text
 
 
+def written_by_mtool(card: Path) -> bool:
+    """Whether the card at ``card`` is one mtool wrote (its front matter is tagged ``mtool``): derived from the
+    lineage record, so it may be written again; a card written by hand is never replaced without --force."""
+    tags = card_metadata(card).get("tags") or []
+    return isinstance(tags, list) and "mtool" in tags
+
+
 def write_card(folder: str | os.PathLike, *, name: str | None = None, license: str | None = None,
                repo_id: str | None = None, out: str | os.PathLike | None = None, force: bool = True) -> Path:
     """Write the model card of ``folder`` (default ``folder/README.md``) and return its path.
 
-    ``name`` overrides the suggested name (it must follow the schema), ``license`` the license resolved
-    from the parents, ``repo_id`` the id used in the usage snippet (default: the name). Library callers
-    (merge, adapters, train) write into their own staging folder and overwrite; ``force=False`` refuses to
-    replace an existing file.
+    ``name`` overrides the suggested name (it must follow the schema), ``license`` the license resolved from the
+    parents (and is recorded in the folder's lineage record, so later cards and descendants keep it), ``repo_id``
+    the id used in the usage snippet (default: the name). Library callers (merge, adapters, train) write into their
+    own staging folder and overwrite; ``force=False`` refuses to replace an existing card that mtool did not write.
     """
     folder = Path(folder)
     target = Path(out) if out is not None else folder / CARD_FILENAME
-    if target.exists() and not force:
-        raise OutputExistsError(f"{target} already exists", where=str(target),
-                                fix="pass --force to replace it or --out to write elsewhere")
+    if target.exists() and not force and not written_by_mtool(target):
+        raise OutputExistsError(f"{target} exists and was not written by mtool", where=str(target),
+                                fix="pass --force to replace it, --out to write elsewhere, or --stdout to print it")
     _, text = build_card(folder, name=name, license=license, repo_id=repo_id)
+    if license is not None:
+        _record_license(folder, license)
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, target)
     return target
+
+
+def _record_license(folder: Path, license: str) -> None:
+    """Keep the publisher's choice of license in the folder's lineage record (when it has one)."""
+    record = read_lineage(folder)
+    if record is not None and record.license != license:
+        record.license = normalize_license(license) or license
+        write_lineage(folder, record)

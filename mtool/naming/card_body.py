@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from mtool.lineage import Lineage, Parent
 from mtool.naming.facts import FolderFacts, read_json
+from mtool.naming.label import merged_parents
+from mtool.naming.publishable import display_reference, for_people, without_local_paths
 
 if TYPE_CHECKING:
     from mtool.naming.card import CardContent
@@ -46,6 +48,11 @@ def _short(value: object) -> str:
     return text if len(text) <= _VALUE_MAX else text[:_VALUE_MAX - 3] + "..."
 
 
+def _shown(parent: Parent) -> str:
+    """A parent as the card names it: its Hub id, or a local folder's name."""
+    return display_reference(parent.id, is_hub=parent.is_hub)
+
+
 def _parent_line(parent: Parent) -> str:
     where = "Hub" if parent.is_hub else "local folder, not on the Hub"
     details = [where]
@@ -55,7 +62,7 @@ def _parent_line(parent: Parent) -> str:
         details.append(f"weight {parent.weight:g}")
     if parent.license:
         details.append(f"license {_code(parent.license)}")
-    return f"**{parent.role}** {_code(parent.id)} ({', '.join(details)})"
+    return f"**{parent.role}** {_code(_shown(parent))} ({', '.join(details)})"
 
 
 def lineage_tree(lineage: Lineage, depth: int = 0) -> list[str]:
@@ -69,8 +76,9 @@ def lineage_tree(lineage: Lineage, depth: int = 0) -> list[str]:
         if parent.lineage is not None:
             inner = parent.lineage
             method = f" ({inner.method})" if inner.method else ""
-            lines.append(f"{indent}  - made by **{inner.operation}**{method} with {inner.tool} {inner.tool_version}"
-                         f"{', seed ' + str(inner.seed) if inner.seed is not None else ''} from:")
+            made = (f"{indent}  - made by **{inner.operation}**{method} with {inner.tool} {inner.tool_version}"
+                    f"{', seed ' + str(inner.seed) if inner.seed is not None else ''}")
+            lines.append(made + (" from:" if inner.parents else ""))
             lines += lineage_tree(inner, depth + 2)
     return lines
 
@@ -82,12 +90,13 @@ def _summary(content: CardContent) -> str:
         return (f"{content.title} is {kind} whose folder carries no mtool lineage record: this card is built from "
                 "its config files and weights, and its origin is not documented (see Gaps).")
     method = facts.method.name if facts.method else lineage.method or lineage.operation
-    roles = {role: [p.id for p in lineage.parents if p.role == role] for role in ("base", "model", "adapter")}
+    roles = {role: [_shown(p) for p in lineage.parents if p.role == role] for role in ("base", "model", "adapter")}
     base = roles["base"][0] if roles["base"] else None
-    data = f" on {_code(lineage.dataset.id)}" if lineage.dataset else ""
+    data = f" on {_code(without_local_paths(lineage.dataset.id))}" if lineage.dataset else ""
     if lineage.operation == "merge":
-        models = ", ".join(_code(m) for m in dict.fromkeys(roles["model"] + roles["base"]))
-        on_base = f", with {_code(base)} as the base" if base else ""
+        merged = [_shown(p) for p in merged_parents(lineage) if p.role != "adapter"]
+        models = ", ".join(_code(m) for m in dict.fromkeys(merged))
+        on_base = f", with {_code(base)} as the base" if base and base not in merged else ""
         return f"{content.title} is a {method} merge of {models}{on_base}, made with mtool."
     if lineage.operation == "combine":
         adapters = ", ".join(_code(a) for a in roles["adapter"])
@@ -109,15 +118,18 @@ def _summary(content: CardContent) -> str:
         adapters = ", ".join(_code(a) for a in roles["adapter"])
         rank = lineage.parameters.get("rank")
         return f"{content.title} is the adapter {adapters} re-factored{f' to rank {rank}' if rank else ''} with mtool."
+    if lineage.operation == "base":
+        return f"{content.title} is a base model pre-trained with mtool{data}."
     return f"{content.title} was made by mtool ({lineage.operation})."
 
 
 def _table(rows: dict[str, object], header: tuple[str, str]) -> list[str]:
+    """A two-column Markdown table; values without local paths, numbers rounded for people."""
     lines = [f"| {header[0]} | {header[1]} |", "| --- | --- |"]
     for key, value in rows.items():
         if value is None:
             continue
-        lines.append(f"| {key} | {_short(value).replace('|', '/')} |")
+        lines.append(f"| {key} | {_short(for_people(without_local_paths(value))).replace('|', '/')} |")
     return lines
 
 
@@ -139,7 +151,8 @@ def _usage(content: CardContent) -> list[str]:
                 'print(classifier("mtool writes model cards."))', "```"]
     if facts.is_adapter:
         base = content.base_models[0] if content.base_models else None
-        base_reference = base or str((facts.adapter_config or {}).get("base_model_name_or_path") or "")
+        base_reference = base or display_reference(str((facts.adapter_config or {}).get("base_model_name_or_path")
+                                                       or ""))
         lines = ["```python", "from peft import PeftModel",
                  "from transformers import AutoModelForCausalLM, AutoTokenizer",
                  "", f'base_id = "{base_reference}"', f'adapter_id = "{model_id}"',
@@ -147,8 +160,8 @@ def _usage(content: CardContent) -> list[str]:
                  'model = AutoModelForCausalLM.from_pretrained(base_id, dtype="auto", device_map="auto")',
                  "model = PeftModel.from_pretrained(model, adapter_id)", *prompt, *generate, "```"]
         if not base:
-            lines.append(f"The base is not on the Hub: {_code(base_reference)} is the folder the adapter was made "
-                         "for.")
+            lines.append(f"The base is not on the Hub: {_code(base_reference)} is the name of the local folder the "
+                         "adapter was made for; use its path.")
         return lines
     return ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
             f'model_id = "{model_id}"', "tokenizer = AutoTokenizer.from_pretrained(model_id)",
@@ -158,11 +171,23 @@ def _usage(content: CardContent) -> list[str]:
 
 def _license_section(content: CardContent) -> list[str]:
     resolution = content.license
-    shown = resolution.license_name if resolution.license == "other" and resolution.license_name else resolution.license
     lines = ["## License", ""]
-    link = f" ({resolution.license_link})" if resolution.license == "other" and resolution.license_link else ""
-    lines.append(f"This model is released under {_code(shown)}{link}, the most restrictive of its parents' licenses."
-                 if content.facts.lineage is not None else f"This model is released under {_code(shown)}{link}.")
+    if resolution.license is None:
+        undeclared = ", ".join(_code(display_reference(p)) for p in resolution.undeclared) or "a parent"
+        lines.append(f"The license is **unknown**: {undeclared} declares none. Before publishing, find the license "
+                     "and either declare it in that model's card (`license:` in its README.md front matter) and "
+                     "run `mtool card` again, or pass it with `mtool card --license ID`.")
+    else:
+        shown = (resolution.license_name if resolution.license == "other" and resolution.license_name
+                 else resolution.license)
+        link = f" ({resolution.license_link})" if resolution.license == "other" and resolution.license_link else ""
+        if resolution.overridden:
+            why = ", chosen by its publisher (`mtool card --license`)"
+        elif content.facts.lineage is not None and content.facts.lineage.parents:
+            why = ", the most restrictive of its parents' licenses"
+        else:
+            why = ""
+        lines.append(f"This model is released under {_code(shown)}{link}{why}.")
     if resolution.non_commercial:
         lines += ["", "**Non-commercial use only**: a parent's license forbids commercial use."]
     for attribution in resolution.attributions:
@@ -205,11 +230,13 @@ def render_body(content: CardContent) -> str:
     if lineage is not None:
         lines += ["## Lineage", "",
                   f"Made by **{lineage.operation}**{f' ({lineage.method})' if lineage.method else ''} with "
-                  f"{lineage.tool} {lineage.tool_version} on {lineage.created}, from:", ""]
+                  f"{lineage.tool} {lineage.tool_version} on {lineage.created}"
+                  + (", from:" if lineage.parents else "."), ""]
         lines += lineage_tree(lineage) + [""]
         if content.local_parents:
-            lines += ["Parents that are local folders are listed above but not written as `base_model` ids: "
-                      + ", ".join(_code(p.id) for p in content.local_parents) + ".", ""]
+            lines += ["Parents that are local folders are listed above by name and weight hashes, and are not "
+                      "written as `base_model` ids: " + ", ".join(_code(_shown(p)) for p in content.local_parents)
+                      + ".", ""]
         if lineage.outputs:
             lines += ["Output files:", ""] + [f"- {_code(f)} sha256 {_code(d)}"
                                               for f, d in sorted(lineage.outputs.items())]
@@ -218,9 +245,14 @@ def render_body(content: CardContent) -> str:
             import yaml
 
             title = "Training configuration" if lineage.operation == "train" else "Recipe"
-            lines += [f"## {title}", "", "```yaml", yaml.safe_dump(lineage.recipe, sort_keys=False).rstrip(), "```", ""]
+            shown = without_local_paths(lineage.recipe)
+            lines += [f"## {title}", "", "```yaml", yaml.safe_dump(shown, sort_keys=False).rstrip(), "```", ""]
+            local = " (local folders are shown by name: put their paths back)" if shown != lineage.recipe else ""
             if lineage.operation == "merge":
-                lines += ["Run it again with `mtool merge recipe.yaml OUTPUT` (or mergekit's `mergekit-yaml`).", ""]
+                lines += [f"Run it again with `mtool merge recipe.yaml OUTPUT` (or mergekit's `mergekit-yaml`){local}.",
+                          ""]
+            elif local:
+                lines += [f"Run it again with `mtool train CONFIG`{local}.", ""]
         lines += ["## Reproducibility", ""]
         if lineage.seed is not None:
             lines.append(f"Random seed: {_code(lineage.seed)}.")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -97,15 +98,46 @@ def parse(text: str) -> None:
 @click.option("--name", "model_name",
               help="The model's name (default: `mtool name suggest`'s); must follow the schema.")
 @click.option("--license", "license_id",
-              help="Publish under this license instead of the one resolved from the parents.")
+              help="Publish under this license instead of the one resolved from the parents (kept in the lineage "
+                   "record, so later cards and models made from this one keep it).")
 @click.option("--repo-id", help="The Hub id the folder will be uploaded as, for the usage snippet (default: the name).")
 @click.option("--out", type=click.Path(dir_okay=False), help="Where to write the card (default: MODEL_DIR/README.md).")
-@click.option("--force", is_flag=True, help="Replace an existing card.")
+@click.option("--stdout", "to_stdout", is_flag=True, help="Print the card instead of writing it.")
+@click.option("--check", is_flag=True,
+              help="Check the existing card (MODEL_DIR/README.md, or --out) is publishable as written: it parses, "
+                   "names no local path, has no empty section and shows numbers rounded. Exit 1 if not.")
+@click.option("--force", is_flag=True, help="Replace a card that was not written by mtool.")
 def card(model_dir: str, model_name: str | None, license_id: str | None, repo_id: str | None, out: str | None,
-         force: bool) -> None:
-    """Write the model card (README.md with Hub metadata) of MODEL_DIR from its lineage record."""
-    from mtool import ui
-    from mtool.naming.card import write_card
+         to_stdout: bool, check: bool, force: bool) -> None:
+    """Write the model card (README.md with Hub metadata) of MODEL_DIR from its lineage record.
 
+    A card mtool wrote earlier is regenerated (cards are derived from the lineage record); a card written by hand
+    is kept unless --force.
+    """
+    from mtool import ui
+    from mtool.naming.card import CARD_FILENAME, build_card, write_card
+
+    target = Path(out) if out else Path(model_dir) / CARD_FILENAME
+    if check:
+        _check_card(target)
+        return
+    if to_stdout:
+        click.echo(build_card(model_dir, name=model_name, license=license_id, repo_id=repo_id)[1], nl=False)
+        return
+    existed = target.exists()
     path = write_card(model_dir, name=model_name, license=license_id, repo_id=repo_id, out=out, force=force)
-    ui.info(f"wrote {path}")
+    ui.info(f"{'regenerated' if existed else 'wrote'} {path} from the lineage record")
+
+
+def _check_card(path: Path) -> None:
+    from mtool.errors import InputError
+    from mtool.naming.publishable import card_problems
+
+    if not path.is_file():
+        raise InputError("no model card to check", where=str(path), fix="write it first with `mtool card`")
+    problems = card_problems(path.read_text(encoding="utf-8", errors="replace"))
+    for problem in problems:
+        click.echo(f"{path}: {problem}")
+    if problems:
+        sys.exit(1)
+    click.echo(f"{path}: publishable")

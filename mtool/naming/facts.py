@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtool.errors import CheckpointError, InputError
+from mtool.io.folders import card_metadata
 from mtool.lineage import Lineage, Parent, read_lineage
 from mtool.naming.family import BaseModelName, family_from_config, family_from_model_id, find_family, split_model_id
 from mtool.naming.methods import Method, canonical_method, method_of_record
@@ -123,11 +124,33 @@ def family_of_reference(reference: str, path: str | None = None) -> Derived | No
         if find_family(split_model_id(folder.name)) is not None:
             return Derived(family_from_model_id(folder.name), f"the folder name {folder.name}")
         config = read_json(folder / "config.json")
+        named = _family_of_names(folder, config)
+        if named is not None:
+            return named
         configured = family_from_config(config) if config else None
         if configured is not None:
             return Derived(configured.as_base(), configured.note)
     if find_family(split_model_id(reference)) is not None:
         return Derived(family_from_model_id(reference), f"the name {reference}")
+    return None
+
+
+def _family_of_names(folder: Path, config: dict | None) -> Derived | None:
+    """The Family a folder's files name, when its own name does not: the model id it was saved from
+    (``_name_or_path`` in config.json), or its card's ``base_model`` / GGUF-style ``model_basename``."""
+    candidates = []
+    if config and isinstance(config.get("_name_or_path"), str):
+        candidates.append((config["_name_or_path"], "_name_or_path in config.json"))
+    front = card_metadata(folder / "README.md")
+    for key in ("base_model", "model_basename", "model_name"):
+        value = front.get(key)
+        value = value[0] if isinstance(value, list) and value else value
+        if isinstance(value, str):
+            candidates.append((value, f"{key} in its card"))
+    for value, source in candidates:
+        name = value.rstrip("/").rsplit("/", 1)[-1] if not looks_like_hub_id(value) else value
+        if find_family(split_model_id(name.rsplit("/", 1)[-1])) is not None:
+            return Derived(family_from_model_id(name), f"{source} ({value})")
     return None
 
 

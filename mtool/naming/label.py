@@ -65,7 +65,7 @@ def label_of_name(reference: str) -> str | None:
     return name.label if name is not None else None
 
 
-def _merged_parents(lineage: Lineage) -> list[Parent]:
+def merged_parents(lineage: Lineage) -> list[Parent]:
     """The parents a merge or combination actually mixed: its models and adapters, and the base too when the
     recipe lists it among the models (SLERP's first end), not when it is only the task vectors' origin."""
     listed = set()
@@ -112,7 +112,7 @@ def label_of_record(lineage: Lineage) -> Derived | None:
         label = label_from_words(distinctive_words(data)) if data else None
         return Derived(label, f"the training data {data}") if label else None
     roles = {"adapter-merge": ("adapter",), "resize": ("adapter",), "extract": ("model",)}
-    parents = (_merged_parents(lineage) if lineage.operation in ("merge", "combine")
+    parents = (merged_parents(lineage) if lineage.operation in ("merge", "combine")
                else [p for p in lineage.parents if p.role in roles.get(lineage.operation, ("model", "adapter"))])
     if not parents:
         return None

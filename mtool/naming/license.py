@@ -11,7 +11,10 @@ The output takes the most restrictive parent license (apache-2.0 + llama2 -> lla
 licenses the one that asks the most: mit + apache-2.0 -> apache-2.0). Every parent's
 notices and attributions are kept ("Built with Llama", Gemma's terms notice, Apache's NOTICE). Two
 different licenses of the top rank (llama3 and gemma) both bind the output: it is published as ``other``
-and the conflict is reported. A parent whose license is unknown makes the output ``other``, reported.
+and the conflict is reported. A parent that declares a license mtool does not know (a custom one) makes the
+output ``other``, reported. A parent that declares no license at all makes the output's license unknown: nothing
+is written in its card's metadata, and the card says how to fix it (declare the parent's license, or choose one
+with ``mtool card --license``). Unknown is never guessed.
 """
 
 from __future__ import annotations
@@ -178,7 +181,7 @@ class ParentLicense:
 class LicenseResolution:
     """The output's license, and what the parents' licenses ask of it."""
 
-    license: str  # a Hub license id, or "other"
+    license: str | None  # a Hub license id, "other", or None when a parent declares no license (unknown)
     license_name: str | None = None
     license_link: str | None = None
     governing: list[LicenseTerms] = field(default_factory=list)  # the license(s) that decided
@@ -189,9 +192,13 @@ class LicenseResolution:
     non_commercial: bool = False
     derivatives_forbidden: bool = False
     reports: list[str] = field(default_factory=list)  # conflicts and unknowns a person must look at
+    undeclared: list[str] = field(default_factory=list)  # the parents that declare no license
+    overridden: bool = False  # chosen with --license rather than resolved from the parents
 
     @property
     def front_matter(self) -> dict[str, str]:
+        if self.license is None:
+            return {}
         data = {"license": self.license}
         if self.license == "other":
             data.update({k: v for k, v in (("license_name", self.license_name),
@@ -239,7 +246,8 @@ def resolve_license(parents: list[ParentLicense], *, override: str | None = None
         else:
             reports.append(f"{parent.parent} declares an unknown license {parent.license!r}")
 
-    resolution = LicenseResolution(license="other", reports=reports)
+    undeclared = [parent.parent for parent in unknown if parent.license is None]
+    resolution = LicenseResolution(license="other", reports=reports, undeclared=undeclared)
     for _, terms in known:
         _append_unique(resolution.notices, terms.notice)
         _append_unique(resolution.attributions, terms.attribution)
@@ -256,7 +264,9 @@ def resolve_license(parents: list[ParentLicense], *, override: str | None = None
     top_rank = max((terms.rank for _, terms in known), default=None)
     top = [] if top_rank is None else list({t.id: t for _, t in known if t.rank == top_rank}.values())
     resolution.governing = top
-    if unknown:
+    if undeclared:
+        resolution.license = None
+    elif unknown:
         names = [p.license_name for p in unknown if p.license_name]
         links = [p.license_link for p in unknown if p.license_link]
         resolution.license_name = names[0] if len(unknown) == 1 and names else None
@@ -276,7 +286,8 @@ def resolve_license(parents: list[ParentLicense], *, override: str | None = None
         reports.append(f"the parents' licenses {' and '.join(t.id for t in top)} all bind this model; "
                        "publish it only if you can meet every one of them")
     else:
-        reports.append("no parent declares a license")
+        resolution.license = None
+        reports.append("no license is declared")
 
     if override:
         chosen = normalize_license(override) or override
@@ -289,6 +300,7 @@ def resolve_license(parents: list[ParentLicense], *, override: str | None = None
         else:
             resolution.license = chosen
             resolution.license_name = resolution.license_link = None
+        resolution.overridden = True
     if resolution.license == "other" and not (resolution.license_name and resolution.license_link):
         reports.append("license is 'other' without license_name and license_link: pass --license or add them "
                        "to the parents' cards")

@@ -9,6 +9,7 @@ one uninterrupted history.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import sys
@@ -40,6 +41,24 @@ class MetricsLog:
         temporary = self.path.with_suffix(".tmp")
         temporary.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
         os.replace(temporary, self.path)
+
+
+SMOOTHING_FRACTION = 0.1  # the final training loss is the mean over the last tenth of the steps
+
+
+def smoothed_final_loss(rows: list[dict[str, Any]], fraction: float = SMOOTHING_FRACTION) -> dict[str, Any]:
+    """The run's final training loss for people: over the last ``n = max(1, ceil(fraction * steps))`` logged
+    steps, ``sum_i loss_i t_i / sum_i t_i`` with ``t_i`` the step's trained tokens (each ``loss_i`` is already its
+    step's token mean, so this is the token mean of those steps); the last step's loss alone is one micro-batch's
+    noise. Returns ``{"train_loss": ..., "train_loss_window": "..."}``, or {} without logged steps."""
+    steps = [row for row in rows if "loss" in row and math.isfinite(row["loss"])]
+    if not steps:
+        return {}
+    window = steps[-max(1, math.ceil(fraction * len(steps))):]
+    weights = [max(1, int(row.get("trained_tokens") or 1)) for row in window]
+    loss = sum(row["loss"] * weight for row, weight in zip(window, weights)) / sum(weights)
+    return {"train_loss": loss,
+            "train_loss_window": f"token mean of the last {len(window)} of {len(steps)} steps"}
 
 
 def memory_in_use_gib(device: "torch.device") -> float:

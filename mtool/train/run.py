@@ -33,7 +33,7 @@ from mtool.train.data import (
 from mtool.train.distributed import Processes, barrier, join_processes, leave_processes, unwrap, wrap_for_data_parallel
 from mtool.train.formats import check_columns, detect_format
 from mtool.train.loop import Loop, run_loop
-from mtool.train.metrics import MetricsLog
+from mtool.train.metrics import MetricsLog, smoothed_final_loss
 from mtool.train.state import latest_checkpoint, load_checkpoint, read_progress
 
 if TYPE_CHECKING:
@@ -99,6 +99,8 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
     elif processes.is_main:
         loop.metrics.path.write_text("", encoding="utf-8")
     final_metrics = run_loop(loop)
+    if processes.is_main:
+        final_metrics.update(smoothed_final_loss(loop.metrics.rows()))
     result = None
     if processes.is_main:
         from mtool.train.output import OutputFacts, write_output
