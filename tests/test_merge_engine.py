@@ -211,7 +211,7 @@ def test_bad_input_is_one_clear_error_and_no_output(trio, tmp_path, run_cli, cas
     models = f"models:\n  - model: {ft1}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
     recipes = {
         "missing_model": (f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {tmp_path}/nowhere\n"
-                          f"    parameters: {{weight: 1}}\n", "model not found"),
+                          f"    parameters: {{weight: 1}}\n", "no such model folder"),
         "missing_tensor": (None, "is missing from"),
         "shape": (None, "shape mismatch for tensor"),
         "unknown_method": (f"merge_method: frankenstein\n{models}", "unknown merge method 'frankenstein'"),

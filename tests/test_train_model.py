@@ -129,3 +129,20 @@ def test_estimate_command_verdict_and_suggestions(tmp_path, run_cli):
     assert json.loads(run_cli(*args, "--gpu-memory", "80GiB").output)["fits"] is True
     text = run_cli(*args[:-1], "--gpu-memory", "8GiB").output
     assert "does NOT fit" in text and "try --batch-size 1" in text
+
+
+def test_gpu_memory_in_bare_gib_and_cumulative_accumulation_advice(tmp_path, run_cli):
+    import json
+
+    shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **shape}))
+    args = ["estimate", "--base", tmp_path, "--seq-len", "2048", "--batch-size", "8", "--rank", "16"]
+    bare = json.loads(run_cli(*args, "--json", "--gpu-memory", "24").output)
+    assert bare["capacity_bytes"] == 24 * 2**30  # a bare number is GiB: "a 24 GB card"
+    assert json.loads(run_cli(*args, "--json", "--gpu-memory", "24GB").output)["capacity_bytes"] == 24 * 10**9
+    text = run_cli(*args, "--gpu-memory", "9", "--set", "model.gradient_checkpointing=false").output
+    advice = [line for line in text.splitlines() if "--grad-accum" in line]
+    # each halving keeps the earlier ones: batch 8 -> 2 needs 4 micro-batches per step for the same effective batch
+    assert ["--batch-size 4 --grad-accum x2 " in advice[0], "--batch-size 2 --grad-accum x4 " in advice[1],
+            "--batch-size 1 --grad-accum x8 " in advice[2]] == [True, True, True]

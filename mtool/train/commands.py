@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from mtool.sizes import BYTE_SIZE
+from mtool.sizes import GPU_MEMORY
 from mtool.ui import info
 
 # flag (Click parameter name) -> config key it overrides
@@ -112,8 +112,8 @@ def train(config_file: str | None, resume: bool, force: bool, **flags: Any) -> N
 
 @click.command()
 @config_options
-@click.option("--gpu-memory", type=BYTE_SIZE, help="Judge the fit against this much memory (e.g. 8GiB, 24GB) "
-                                                    "instead of the detected GPU.")
+@click.option("--gpu-memory", type=GPU_MEMORY, help="Judge the fit against this much memory instead of the "
+                                                     "detected GPU: 24 (GiB), 24GiB, 24GB, 8000MB.")
 @click.option("--device", "device_type", type=click.Choice(["cuda", "cpu"]),
               help="Estimate for this device (default: cuda, unless training would run on CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")

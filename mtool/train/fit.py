@@ -54,7 +54,7 @@ SUGGESTION_STEPS: tuple[tuple[str, Callable[[RunShape], RunShape | None], int], 
      lambda r: replace(r, optimizer="adamw_8bit") if r.optimizer in ("adamw", "paged_adamw") else None, 1),
     ("--quantization nf4", lambda r: replace(r, quantization="nf4") if r.quantization == "none" else None, 1),
     ("pip install 'mtool[liger]' (fused kernels)", lambda r: None if r.liger else replace(r, liger=True), 1),
-    ("--batch-size {micro_batch_size} --grad-accum x2 (same effective batch)", _halve_batch, 3),
+    ("--batch-size {micro_batch_size} --grad-accum x{accumulation} (same effective batch)", _halve_batch, 3),
     ("--seq-len {seq_len} (longer examples are cut)", _halve_sequence, 2),
 )
 
@@ -72,8 +72,10 @@ def suggestions(model: ModelShape, run: RunShape, capacity: int) -> list[Suggest
             if changed is None:
                 break
             current = changed
-            found.append(Suggestion(template.format(micro_batch_size=current.micro_batch_size,
-                                                    seq_len=current.seq_len), estimate_memory(model, current).total))
+            accumulation = run.micro_batch_size // current.micro_batch_size  # every halving so far, together
+            found.append(Suggestion(template.format(micro_batch_size=current.micro_batch_size, seq_len=current.seq_len,
+                                                    accumulation=accumulation),
+                                    estimate_memory(model, current).total))
     return found
 
 
