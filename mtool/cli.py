@@ -20,7 +20,7 @@ import click
 
 from mtool import __version__
 from mtool.errors import MtoolError
-from mtool.ui import VERBOSITY
+from mtool.ui import VERBOSITY, quiet_library_notices
 
 # Large tensors come and go by the hundred in a merge; backing them with transparent huge pages cuts the
 # page faults of each fresh allocation by ~500x. PyTorch reads this once, when its allocator starts.
@@ -93,6 +93,8 @@ def main(verbose: int, quiet: bool) -> None:
     names and model cards."""
     VERBOSITY.verbose = verbose
     VERBOSITY.quiet = quiet
+    if not verbose:
+        quiet_library_notices()
 
 
 def run() -> None:

@@ -36,6 +36,19 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
+# Libraries whose import-time notices are about their own optional extras, not about the user's work
+# (bitsandbytes, on CPUs with AVX512-BF16, reports a kernel package it could not fetch from the Hub).
+LIBRARY_LOGGERS = ("bitsandbytes",)
+
+
+def quiet_library_notices() -> None:
+    """Show only errors from :data:`LIBRARY_LOGGERS` (``-v`` leaves them as they are)."""
+    import logging
+
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 @contextlib.contextmanager
 def quiet_unless_verbose() -> Iterator[None]:
     """Silence messages and progress bars for the ``with`` block, unless ``-v`` was given; then restore."""

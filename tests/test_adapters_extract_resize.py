@@ -143,4 +143,18 @@ def test_extract_and_resize_bad_inputs(tiny, lora_pair, tmp_path, run_cli):
     assert "positive integer" in run_cli("adapters", "resize", adapter, out, "--rank", "0", expect=2).output
     assert "adapter_config.json is missing" in run_cli("adapters", "resize", base, out, "--rank", "2",
                                                        expect=2).output
+    above = run_cli("adapters", "resize", adapter, out, "--rank", "8", expect=2).output  # the adapter has rank 4
+    assert "above the adapter's largest rank 4" in above and "give a rank below 4" in above
     assert not out.exists()
+
+
+def test_a_base_that_is_an_adapter_names_its_base(tiny, lora_pair, tmp_path, run_cli):
+    base, adapter, _ = lora_pair
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    expected = f"its base model is {config['base_model_name_or_path']}"
+    for args in (("adapters", "merge", adapter, adapter, tmp_path / "o"),
+                 ("adapters", "inspect", adapter, "--base", adapter),
+                 ("estimate", "--base", adapter),
+                 ("train", "--base", adapter, "--data", adapter / "adapter_config.json", "--out", tmp_path / "t")):
+        output = run_cli(*args, expect=2).output
+        assert "this is a LoRA adapter" in output and expected in output, args

@@ -66,3 +66,16 @@ def test_the_executable_leaves_without_teardown_noise() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0 and '"label": "Medic"' in result.stdout  # flushed before leaving
     assert "leaked" not in result.stderr and "nanobind" not in result.stderr
+
+
+def test_library_notices_about_their_own_extras_are_hidden_unless_verbose(run_cli) -> None:
+    """bitsandbytes reports, at import, a kernel package it could not fetch (on CPUs with AVX512-BF16): not the
+    user's concern, and it used to print even with -q."""
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    run_cli("-q", "name", "parse", "Llama-3.1-8B-Instruct-Medic-SFT-v1.0")
+    assert not logger.isEnabledFor(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.NOTSET)
+    run_cli("-v", "name", "parse", "Llama-3.1-8B-Instruct-Medic-SFT-v1.0")
+    assert logger.isEnabledFor(logging.WARNING)

@@ -250,3 +250,14 @@ def test_output_folder_gets_the_mode_of_an_ordinary_mkdir(tmp_path: Path) -> Non
     with atomic_output_dir(tmp_path / "out") as staging:
         (staging / "file.txt").write_text("x")
     assert (tmp_path / "out").stat().st_mode & 0o777 == reference.stat().st_mode & 0o777
+
+
+def test_files_of_an_output_get_the_usual_mode_even_when_a_writer_makes_them_private(tmp_path: Path) -> None:
+    import os
+
+    with atomic_output_dir(tmp_path / "out") as staging:
+        (staging / "weights.safetensors").write_bytes(b"x")
+        os.chmod(staging / "weights.safetensors", 0o600)  # as safetensors' writer leaves PEFT's adapter files
+    reference = tmp_path / "plain.txt"
+    reference.write_text("x")
+    assert (tmp_path / "out" / "weights.safetensors").stat().st_mode & 0o777 == reference.stat().st_mode & 0o777

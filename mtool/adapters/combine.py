@@ -30,7 +30,7 @@ from mtool.hub import ModelRef, resolve_model
 from mtool.io.hashing import FileHasher
 from mtool.io.reading import open_checkpoint
 from mtool.lineage import Lineage, describe_parent
-from mtool.lora.adapter import LoraAdapter, LoraModule, load_lora
+from mtool.lora.adapter import LoraAdapter, LoraModule, load_lora, refuse_adapter
 from mtool.lora.lowrank import thin_svd, truncation_energy
 
 if TYPE_CHECKING:
@@ -204,6 +204,7 @@ def _combine_in_weight_space(adapters: list[LoraAdapter], table: dict[str, list[
         from mtool.adapters.basemodel import fit_problems, tied_embedding
 
         base_ref = resolve_model(options.base)
+        refuse_adapter(base_ref.path, what="a base model (--base)")
         base_checkpoint = open_checkpoint(base_ref.path)
         config = base_checkpoint.read_json("config.json") or {}
         tied_source = tied_embedding(base_checkpoint, config)  # a tied base's head is its embedding

@@ -28,7 +28,7 @@ from mtool.hub import resolve_model
 from mtool.io.hashing import FileHasher
 from mtool.io.reading import Checkpoint, open_checkpoint
 from mtool.lineage import Lineage, describe_parent
-from mtool.lora.adapter import PEFT_PREFIX
+from mtool.lora.adapter import PEFT_PREFIX, refuse_adapter
 from mtool.lora.lowrank import rank_for_energy, thin_svd, truncation_energy
 
 
@@ -86,11 +86,9 @@ def extract_adapter(base: str, tuned: str, output: str | os.PathLike, options: E
     hasher = hasher or FileHasher.default()
     options.check()
     base_ref, tuned_ref = resolve_model(base), resolve_model(tuned)
+    for ref in (base_ref, tuned_ref):
+        refuse_adapter(ref.path, fix="give two full models: the base and its fine-tune")
     base_checkpoint, tuned_checkpoint = open_checkpoint(base_ref.path), open_checkpoint(tuned_ref.path)
-    for ref, checkpoint in ((base_ref, base_checkpoint), (tuned_ref, tuned_checkpoint)):
-        if checkpoint.is_adapter:
-            raise InputError("this is a LoRA adapter, not a model", where=str(ref.path),
-                             fix="give two full models: the base and its fine-tune")
     base_config = base_checkpoint.read_json("config.json") or {}
     pairs = _pairs(base_checkpoint, tuned_checkpoint, base_config)
     for name, source in pairs.items():

@@ -8,10 +8,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mtool.adapters.basemodel import fit_problems
-from mtool.errors import InputError
 from mtool.hub import resolve_model
 from mtool.io.reading import open_checkpoint
-from mtool.lora.adapter import LoraAdapter, load_lora
+from mtool.lora.adapter import LoraAdapter, load_lora, refuse_adapter
 
 
 @dataclass
@@ -94,9 +93,8 @@ def summarize(adapter: LoraAdapter) -> AdapterSummary:
 def check_against_base(adapter: LoraAdapter, base: str) -> ShapeCheck:
     """Compare the shape every changed tensor needs with the base's (tied heads map to the embedding)."""
     ref = resolve_model(base)
+    refuse_adapter(ref.path, what="a base model (--base)")
     checkpoint = open_checkpoint(ref.path)
-    if checkpoint.is_adapter:
-        raise InputError("--base is a LoRA adapter, not a model", where=str(ref.path))
     checked, problems = fit_problems(adapter, checkpoint, checkpoint.read_json("config.json") or {})
     return ShapeCheck(base=ref.id, checked=checked, problems=problems)
 

@@ -37,7 +37,7 @@ from mtool.io.hashing import FileHasher
 from mtool.io.reading import Checkpoint, open_checkpoint
 from mtool.io.writing import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec
 from mtool.lineage import Lineage, ParentInput, describe_parents_in_background
-from mtool.lora.adapter import LoraAdapter, load_lora
+from mtool.lora.adapter import LoraAdapter, load_lora, refuse_adapter
 from mtool.naming.finish import finish_output
 from mtool.runtime import RETURN_FREED_MEMORY
 from mtool.stream import Stream, StreamLimits, require_finite, stream_tensors
@@ -89,10 +89,8 @@ def plan_adapter_merge(base: str, adapters: list[str], options: AdapterMergeOpti
     """Open and check every input; raises :class:`InputError` naming the first problem."""
     weights = adapter_weights(len(adapters), options.weights, "merge")
     base_ref = resolve_model(base)
+    refuse_adapter(base_ref.path, what="a base model (BASE)", fix="give the base model first, then the adapter(s)")
     checkpoint = open_checkpoint(base_ref.path)
-    if checkpoint.is_adapter:
-        raise InputError("BASE is a LoRA adapter, not a model", where=str(base_ref.path),
-                         fix="give the base model first, then the adapter(s)")
     config = checkpoint.read_json("config.json") or {}
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method", "quantized")

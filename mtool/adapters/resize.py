@@ -17,6 +17,7 @@ from pathlib import Path
 from mtool.adapters.peft_format import ModuleFactors, adapter_config, save_adapter_folder
 from mtool.adapters.report import FitReport, ModuleFit
 from mtool.adapters.validate import positive_rank
+from mtool.errors import InputError
 from mtool.hub import resolve_model
 from mtool.io.hashing import FileHasher
 from mtool.lineage import Lineage, describe_parent
@@ -39,6 +40,11 @@ def resize_adapter(adapter: str, output: str | os.PathLike, rank: int, *, force:
     positive_rank(rank)
     ref = resolve_model(adapter)
     lora = load_lora(ref.path)
+    largest = max((module.rank for module in lora.targets.values()), default=0)
+    if rank > largest:
+        raise InputError(f"--rank {rank} is above the adapter's largest rank {largest}: a resize only lowers ranks, "
+                         "so it would write a copy", where=str(ref.path),
+                         fix=f"give a rank below {largest}, or keep the adapter as it is")
     report = FitReport()
     factors: list[ModuleFactors] = []
     with torch.inference_mode():

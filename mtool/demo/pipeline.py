@@ -117,7 +117,8 @@ class Steps:
         start = time.perf_counter()
         result = action()
         self.seconds[title] = round(time.perf_counter() - start, 2)
-        ui.info(f"    done in {self.seconds[title]:.1f} s")
+        written = f": {self._short(str(result))} (its standardized name)" if isinstance(result, Path) else ""
+        ui.info(f"    done in {self.seconds[title]:.1f} s{written}")
         return result
 
     def _short(self, argument: str) -> str:

@@ -84,8 +84,10 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False,
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
-        os.chmod(staging, 0o777 & ~_current_umask())  # mkdtemp makes it private (0700); an output gets the usual mode
+        umask = _current_umask()
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private (0700); an output gets the usual mode
         yield staging
+        _usual_file_modes(staging, umask)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -100,6 +102,15 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False,
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.rename(staging, target)
+
+
+def _usual_file_modes(folder: Path, umask: int) -> None:
+    """Give every file of an output the mode an ordinary file gets (some writers, such as safetensors' through
+    PEFT's save_pretrained, create theirs private)."""
+    usual = 0o666 & ~umask
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != usual:
+            os.chmod(path, usual)
 
 
 def copy_support_files(source: str | os.PathLike, destination: str | os.PathLike, *,

@@ -24,6 +24,7 @@ with ``s = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA); ``r`` and ``alpha`` com
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -347,6 +348,22 @@ class LoraAdapter:
         if module is not None:
             return tuple(self.checkpoint.info(module.bias_key).shape)
         return None
+
+
+def refuse_adapter(folder: str | os.PathLike, *, what: str = "a model", fix: str | None = None) -> None:
+    """Raise :class:`InputError` when ``folder`` holds a PEFT adapter where ``what`` (a full model) is needed,
+    naming the adapter's base model so the user knows what to give instead."""
+    config_path = Path(folder) / ADAPTER_CONFIG
+    if not config_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        config = {}
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    raise InputError(f"this is a LoRA adapter, not {what}" + (f"; its base model is {base}" if base else ""),
+                     where=str(folder), fix=fix or (f"give its base model ({base}) here" if base
+                                                    else "give the adapter's base model here"))
 
 
 def load_lora(folder: str | os.PathLike) -> LoraAdapter:

@@ -25,6 +25,7 @@ from mtool.errors import ConfigError, InputError
 from mtool.hub import ModelRef, resolve_model
 from mtool.io.dtypes import parse_dtype
 from mtool.io.reading import Checkpoint, open_checkpoint
+from mtool.lora.adapter import refuse_adapter
 from mtool.merger.methods import get_method
 from mtool.merger.methods.base import BasePolicy, MergeMethod, ParameterValue, Scope
 from mtool.merger.params import resolve_parameter
@@ -143,10 +144,8 @@ class MergePlan:
 
 def load_input(reference: ModelReference) -> InputModel:
     ref = resolve_model(reference.model, reference.revision)
+    refuse_adapter(ref.path, fix=f"write it as BASE+{reference.model} to apply it to its base")
     checkpoint = open_checkpoint(ref.path)
-    if checkpoint.is_adapter:
-        raise InputError("this is a LoRA adapter, not a model", where=reference.model,
-                         fix=f"write it as BASE+{reference.model} to apply it to its base")
     config = checkpoint.read_json("config.json") or {}
     adapter = adapter_ref = None
     if reference.adapter:

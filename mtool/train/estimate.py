@@ -271,7 +271,10 @@ def run_shape(config: "TrainConfig", *, device_type: str, liger_available: bool)
 
 
 def read_model_shape(model_path: Path) -> ModelShape:
+    from mtool.lora.adapter import refuse_adapter
+
     folder = model_path if model_path.is_dir() else model_path.parent
+    refuse_adapter(folder, what="a base model (--base)")
     path = folder / "config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))

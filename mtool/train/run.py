@@ -20,6 +20,7 @@ from mtool.hub import ModelRef, resolve_model
 from mtool.io.dtypes import dtype_label
 from mtool.io.folders import check_output_target
 from mtool.io.hashing import FileHasher
+from mtool.lora.adapter import refuse_adapter
 from mtool.train.config import CONFIG_FILENAME, TrainConfig, read_config_file, resume_differences, validate_config
 from mtool.train.data import (
     DataSource,
@@ -74,6 +75,7 @@ def train(config: TrainConfig, *, resume: bool = False, force: bool = False,
 def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bool,
            hasher: FileHasher) -> TrainResult | None:
     base = resolve_model(config.base, config.model.revision)
+    refuse_adapter(base.path, what="a base model (base:)")
     out = Path(config.out)
     inputs = [base.path, *config.data.path, *config.data.eval_path]
     check_output_target(out, force=force, inputs=inputs)
