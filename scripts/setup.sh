@@ -24,7 +24,8 @@ stamp=.venv/.mtool-installed
 want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing mtool[$extras]" >&2
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  # compat: a plain path entry (no import hook, and no warning box about folders shadowing the package)
+  .venv/bin/python -m pip install -q -e ".[$extras]" --config-settings editable_mode=compat
   echo "$want" > "$stamp"
 fi
 
