@@ -41,12 +41,21 @@ def warn(message: str) -> None:
 LIBRARY_LOGGERS = ("bitsandbytes",)
 
 
+# Libraries whose deprecation notices are about their calls into each other (PEFT calling a transformers API that
+# transformers 6 removes), which a user of mtool can do nothing about.
+LIBRARY_MODULES = r"(transformers|peft|torch|bitsandbytes|accelerate|datasets)(\..*)?"
+
+
 def quiet_library_notices() -> None:
-    """Show only errors from :data:`LIBRARY_LOGGERS` (``-v`` leaves them as they are)."""
+    """Show only errors from :data:`LIBRARY_LOGGERS`, and no deprecation notices raised inside
+    :data:`LIBRARY_MODULES` (``-v`` leaves both as they are)."""
     import logging
+    import warnings
 
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=LIBRARY_MODULES)
 
 
 @contextlib.contextmanager
