@@ -19,15 +19,18 @@ from mtool.ui import info
 @click.option("--shard-size", type=BYTE_SIZE, default="5GB", show_default=True,
               help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--no-card", is_flag=True, help="Do not write README.md (the model card).")
+@click.option("--strict", is_flag=True,
+              help="Refuse what mergekit silently ignores (unknown keys, parameters the method does not read).")
 def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, device: str, shard_size: int,
-          no_card: bool) -> None:
+          no_card: bool, strict: bool) -> None:
     """Merge models as RECIPE (mergekit YAML, unchanged) says, into the folder OUT.
 
-    Every method of mergekit is supported: linear, slerp, nuslerp, multislerp, karcher, task_arithmetic,
-    ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, sce,
-    nearswap, passthrough (layer-slice stacking). Models are local folders or Hub ids, `path@revision`, and
-    `path+adapter` applies a LoRA adapter on the fly. The whole recipe and every input is checked before a
-    byte is written; the output appears atomically with its config, tokenizer, lineage record and card.
+    The 20 merge methods of mergekit 0.1.5, with its results: linear, slerp, nuslerp, multislerp, karcher,
+    task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
+    model_stock, sce, nearswap, passthrough (layer-slice stacking), arcee_fusion, ram, ramplus_tl. Models are
+    local folders or Hub ids, `path@revision`, and `path+adapter` applies a LoRA adapter on the fly. The whole
+    recipe and every input is checked before a byte is written; the output appears atomically with its config,
+    tokenizer, lineage record and card.
     """
     from mtool.errors import InputError
     from mtool.io.hashing import FileHasher
@@ -47,7 +50,7 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
 
         if not torch.cuda.is_available():
             raise InputError("--device cuda was asked for but no CUDA GPU is available", fix="use --device cpu")
-    plan = build_plan(parsed)
+    plan = build_plan(parsed, strict=strict)
     if dry_run:
         from mtool.merger.describe import describe_plan
 

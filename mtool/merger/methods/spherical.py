@@ -61,7 +61,7 @@ SLERP = MergeMethod(
     name="slerp",
     function=slerp_merge,
     parameters=(ParameterSpec("t", float, Scope.SHARED, help="0 = base model, 1 = the other model"),),
-    base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
+    base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, internal_float32=True,
     prepare=lambda tensor: sum(slerp_statistics(*_slerp_pair(chunk.task())) for chunk in tensor.chunks()),
     finish=_slerp_finish,
     description="spherical interpolation between the base and one model",
@@ -122,13 +122,15 @@ NUSLERP = MergeMethod(
 
 
 def multislerp(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None, *,
-               normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Barycentric interpolation on the hypersphere of several (task-)vectors.
+               normalize_weights: bool = True, eps: float = 1e-8, name: str = "tensor") -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere of several (task-)vectors, in the inputs' dtype.
 
-    ``x_i`` (minus the base, if any) flattened, ``w`` normalized to sum 1 when asked; ``u_i = x_i/(|x_i|+eps)``;
-    ``m = sum w_i u_i / |sum w_i u_i|``; tangent ``t = sum w_i (u_i - <u_i, m> m)``;
-    ``r = m cos|t| + t sin|t|/|t|`` (``|t|`` plus eps); result ``r * sum w_i |x_i|`` (+ base). When the weighted
-    mean of the unit vectors vanishes, two inputs fall back to ``w_0 x_0 + w_1 x_1``; more inputs are an error.
+    ``x_i`` (minus the base, if any) flattened, ``w`` (in that dtype) normalized to sum 1 when asked;
+    ``u_i = x_i/(|x_i|+eps)``; ``m = sum w_i u_i / |sum w_i u_i|``; tangent ``t = sum w_i (u_i - <u_i, m> m)``;
+    ``r = m cos|t| + t sin|t|/|t|`` (``|t|`` plus eps); result ``r * sum w_i |x_i|`` (+ base). One input is returned
+    as it is. When the weighted mean of the unit vectors vanishes, two inputs fall back to ``w_0 x_0 + w_1 x_1``;
+    so do more inputs when every ``x_i`` is zero (a tensor no fine-tune changed: the result is the base); other
+    cases (antipodal inputs whose weights balance out) are an error naming the tensor.
     """
     if len(tensors) == 1:
         return tensors[0]
@@ -144,11 +146,11 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: torch.Te
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
-        if len(tensors) != 2:
-            raise ComputeError("Multi-SLERP: the weighted mean of the inputs is zero (antipodal inputs with "
-                               "balancing weights)", fix="change the weights")
-        result = stacked[0] * w[0] + stacked[1] * w[1]
-        return result + base if base is not None else result
+        if len(tensors) == 2 or not bool(flat.any()):
+            result = sum(stacked[i] * w[i] for i in range(len(tensors)))
+            return result + base if base is not None else result
+        raise ComputeError("Multi-SLERP: the weighted mean of the inputs' directions is zero (antipodal inputs with "
+                           "balancing weights)", where=name, fix="change the weights")
     mean = mean / mean_norm
     tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w.view(-1, 1)).sum(0)
     tangent_norm = torch.linalg.vector_norm(tangent) + eps
@@ -161,7 +163,8 @@ def multislerp_merge(task: MergeTask) -> torch.Tensor:
     members = task.non_base()
     base = task.base if task.base_index is not None else None
     return multislerp([t for t, _ in members], [float(p["weight"]) for _, p in members], base,
-                      normalize_weights=bool(task.params["normalize_weights"]), eps=float(task.params["eps"]))
+                      normalize_weights=bool(task.params["normalize_weights"]), eps=float(task.params["eps"]),
+                      name=task.name)
 
 
 MULTISLERP = MergeMethod(
@@ -182,38 +185,45 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], *, max_iter: 
                  tol: float = 1e-5) -> torch.Tensor:
     """Weighted Karcher (Riemannian) mean on the unit sphere, rescaled by the weighted mean norm.
 
-    Units ``u_i = x_i/|x_i|`` of the inputs with ``|x_i| > tol`` (weights renormalized over them);
-    start at the normalized weighted mean; iterate ``v = sum a_i theta_i/sin(theta_i) (u_i - cos(theta_i) m)``
-    (terms with ``theta_i < tol`` skipped), ``m <- cos|v| m + sin|v| v/|v|``, renormalized, until ``|v| < tol``
-    or ``max_iter``. Result ``(sum_i a_i |x_i|) m`` with the original weights.
+    Norms in float32 (float64 for float64 inputs), everything else in the inputs' dtype, as mergekit does. Units
+    ``u_i = x_i/|x_i|`` of the inputs with ``|x_i| > tol`` (weights renormalized over them); start at the
+    normalized weighted mean (the first unit when that mean is below ``tol``); iterate
+    ``v = sum a_i theta_i/sin(theta_i) (u_i - cos(theta_i) m)`` (terms with ``theta_i < tol`` skipped),
+    ``m <- cos|v| m + sin|v| v/|v|``, renormalized, until ``|v| < tol`` or ``max_iter``. Result
+    ``(sum_i a_i |x_i|) m`` with the original weights; zeros when no input has a norm above ``tol``.
     """
     if len(tensors) == 1:
         return tensors[0]
-    norms = [torch.linalg.vector_norm(t) for t in tensors]
+    dtype = tensors[0].dtype
+    norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(t.to(norm_dtype)) for t in tensors]
+    units = [torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(dtype) for t, n in zip(tensors, norms)]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
-        return torch.zeros_like(tensors[0])
+        return sum(t * 0 for t in tensors)
     alpha_sum = sum(alphas[i] for i in valid)
     weights = [alphas[i] / alpha_sum for i in valid]
-    units = [tensors[i] / norms[i] for i in valid]
-    mean = sum(w * u for w, u in zip(weights, units))
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    units = [units[i] for i in valid]
+    mean = torch.zeros_like(units[0])
+    for weight, unit in zip(weights, units):
+        mean += weight * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
+    mean = units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(dtype)
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
-        for w, u in zip(weights, units):
-            cos = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
+        for weight, unit in zip(weights, units):
+            cos = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
             theta = torch.arccos(cos)
             if theta.item() < tol:
                 continue
-            tangent += w * (theta / torch.sin(theta)) * (u - cos * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent)
+            tangent += weight * (theta / torch.sin(theta)) * (unit - cos * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(norm_dtype))
         if tangent_norm.item() < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
-        unit_norm = torch.linalg.vector_norm(mean)
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
         if unit_norm.item() > tol:
-            mean = mean / unit_norm
+            mean = (mean / unit_norm).to(dtype)
     return sum(a * n for a, n in zip(alphas, norms)) * mean
 
 
