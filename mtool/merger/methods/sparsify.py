@@ -103,8 +103,9 @@ def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, res
     bottom = max(0, count - keep - top)
     magnitudes = delta.abs().reshape(-1).float().cpu().numpy()
     order, _ = sorted_prefixes(magnitudes, [bottom, bottom + keep], descending=False, in_place=True)
+    order = order[bottom:bottom + keep]
     mask = torch.zeros(count, dtype=delta.dtype)
-    mask[torch.from_numpy(order[bottom:bottom + keep].astype(np.int64))] = 1
+    mask[torch.from_numpy(order.astype(np.int64))] = 1
     return rescaled(delta, mask.reshape(delta.shape).to(delta.device), rescale)
 
 

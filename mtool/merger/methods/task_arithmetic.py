@@ -30,7 +30,7 @@ import torch
 from mtool.errors import ConfigError
 from mtool.merger.methods import sparsify
 from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope, TensorChunks
-from mtool.merger.methods.selection import KeptByMagnitude, top_k_by_magnitude
+from mtool.merger.methods.selection import KeptByMagnitude, scratch, top_k_by_magnitude
 
 
 class Sparsification(enum.Enum):
@@ -56,16 +56,19 @@ def sum_over_models(stacked: torch.Tensor) -> torch.Tensor:
 
 def combine_task_vectors(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], *, consensus: bool,
                          normalize: bool, scale: float) -> torch.Tensor:
-    """Steps 2-5 of the module docstring on (sparsified) deltas, in ``base``'s dtype."""
+    """Steps 2-5 of the module docstring on (sparsified) deltas, in ``base``'s dtype. The agreement masks are
+    made with arithmetic (``sign(d_i elected)`` clamped at 0: 1 where the signs agree, 0 elsewhere and for a zero
+    ``d_i``), which gives the same values as comparisons and runs several times faster on a CPU."""
     dtype = base.dtype
     weight = torch.tensor(weights, dtype=dtype, device=base.device).reshape(-1, *([1] * base.dim()))
     weighted = torch.stack(deltas).mul_(weight)
     if consensus:
-        elected = torch.where(sum_over_models(weighted) >= 0, 1.0, -1.0).to(dtype)
-        agrees = weighted.sign() == elected
-        mixed = sum_over_models(weighted * agrees)
-        divisor = sum_over_models(weight * agrees)
-        divisor[divisor == 0] = 1
+        # copysign(1, sum) is -1 for a sum of -0.0, which only zero deltas give: they agree with neither sign
+        elected = torch.ones_like(base).copysign_(sum_over_models(weighted))
+        agrees = (weighted * elected).sign_().clamp_(min=0)
+        divisor = sum_over_models(agrees * weight)
+        divisor.add_(1 - divisor.abs().sign_())  # a zero divisor counts as 1
+        mixed = sum_over_models(agrees.mul_(weighted))
     else:
         mixed = sum_over_models(weighted)
         divisor = sum_over_models(weight)
@@ -88,10 +91,13 @@ class MemberState:
 
 
 def _magnitude_mask(delta: torch.Tensor, kept: KeptByMagnitude, offset: int) -> torch.Tensor:
-    """1 where the selection keeps an entry of this chunk, else 0, in ``delta``'s dtype."""
+    """1 where the selection keeps an entry of this chunk, else 0, in ``delta``'s dtype (``sign(|d| - threshold)
+    + 1`` clamped at 1: the threshold is one of the magnitudes, so the difference is exact)."""
     if kept.threshold is None:
         return torch.ones_like(delta)
-    mask = (delta.abs().float() >= kept.threshold).to(delta.dtype)
+    if kept.threshold == float("inf"):
+        return torch.zeros_like(delta)
+    mask = (delta.abs() - kept.threshold).sign_().add_(1).clamp_(max=1)
     dropped = kept.dropped_in(offset, delta.numel())
     if dropped.size:
         mask[torch.from_numpy(dropped).to(mask.device)] = 0
@@ -143,13 +149,18 @@ def prepare_task_vectors(tensor: TensorChunks, options: TaskVectorOptions) -> li
         base = chunk.input(tensor.base_index)
         for position in rescaled:
             delta = chunk.input(members[position]) - base
+            if options.sparsification is Sparsification.RANDOM:
+                mask = _random_mask(delta, densities[position], drawing[position], seed=tensor.seed,
+                                    position=position, offset=chunk.offset)
+                masks[position][chunk.offset] = mask  # drawn once: finishing the chunk reuses it (a byte an entry)
+                magnitude = delta.to(work).abs_()
+                before[position] += float(magnitude.sum(dtype=torch.float64))
+                after[position] += float(magnitude.mul_(mask).sum(dtype=torch.float64))
+                continue
             kept = _sparsified(delta, densities[position], drawing[position], options, seed=tensor.seed,
                                position=position, offset=chunk.offset)
-            before[position] += float(delta.to(work).abs().float().sum(dtype=torch.float64))
-            after[position] += float(kept.to(work).abs().float().sum(dtype=torch.float64))
-            if options.sparsification is Sparsification.RANDOM:
-                masks[position][chunk.offset] = _random_mask(delta, densities[position], drawing[position],
-                                                             seed=tensor.seed, position=position, offset=chunk.offset)
+            before[position] += float(delta.to(work).abs().sum(dtype=torch.float64))
+            after[position] += float(kept.to(work).abs().sum(dtype=torch.float64))
     return [MemberState(kept=kept, masks=masks[position] or None,
                         rescale=sparsify.rescale_factor(before[position], after[position], work)
                         if position in rescaled else None)
@@ -163,11 +174,13 @@ def _magnitude_selection(tensor: TensorChunks, index: int, density: float) -> Ke
         return KeptByMagnitude.everything()
     if density <= 0 or count == 0:
         return KeptByMagnitude.nothing()
-    magnitudes = np.empty(count, dtype=np.float32)
+    sixteen_bits = tensor.compute_dtype in (torch.bfloat16, torch.float16)
+    magnitudes = scratch("magnitudes", count, np.uint16 if sixteen_bits else np.float32)
     for chunk in tensor.chunks():
-        piece = (chunk.input(index) - chunk.input(tensor.base_index)).abs().float().cpu()
-        magnitudes[chunk.offset:chunk.offset + piece.numel()] = piece.numpy()
-    return top_k_by_magnitude(magnitudes, max(1, int(density * count)))
+        piece = (chunk.input(index) - chunk.input(tensor.base_index)).abs().cpu()
+        values = piece.view(torch.int16).numpy().view(np.uint16) if sixteen_bits else piece.float().numpy()
+        magnitudes[chunk.offset:chunk.offset + piece.numel()] = values
+    return top_k_by_magnitude(magnitudes, max(1, int(density * count)), tensor.compute_dtype)
 
 
 def finish_task_vectors(task: MergeTask, states: list[MemberState], options: TaskVectorOptions) -> torch.Tensor:
@@ -206,10 +219,10 @@ def ranked_task_vector_merge(task: MergeTask, options: TaskVectorOptions) -> tor
 
 
 def task_vector_scratch(numel: int, inputs: int, compute_itemsize: int) -> int:
-    """Memory :func:`prepare_task_vectors` may hold beyond the chunks: TIES' float32 magnitudes of one model and
-    its uint32 positions (8 bytes an entry) plus a boolean pass over them; DARE's keep masks (a byte an entry and
-    model)."""
-    return 9 * numel + numel * (inputs - 1)
+    """Memory :func:`prepare_task_vectors` may hold beyond the chunks: TIES' magnitudes of one model (in 16-bit
+    or float32 keys) and their uint32 positions, plus a boolean pass over them; DARE's keep masks (a byte an
+    entry and model)."""
+    return (4 + max(compute_itemsize, 2) + 1) * numel + numel * (inputs - 1)
 
 
 def _della_window_check(shared: dict, per_model: list[dict], where: str) -> None:
