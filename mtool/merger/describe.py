@@ -24,7 +24,7 @@ def tensor_working_bytes(plan: MergePlan, tensor: TensorPlan) -> int:
         if plan.method.prepare is not None:
             working += plan.method.prepare_scratch(count, inputs, compute)
         return working
-    storage = sum(s.model.checkpoint.info(s.tensor).dtype.itemsize for s in tensor.sources)
+    storage = sum(s.model.dtype(s.tensor).itemsize for s in tensor.sources)
     return count * (storage + compute * (inputs + 3) + out)
 
 

@@ -24,6 +24,7 @@ from mtool.hub import ModelRef, resolve_model
 from mtool.io.dtypes import parse_dtype
 from mtool.io.reading import Checkpoint, open_checkpoint
 from mtool.merger import layout, precision
+from mtool.merger.conversion import Stacked, converted_names
 from mtool.merger.diagnostics import Diagnostics
 from mtool.merger.methods import get_method
 from mtool.merger.methods.base import BasePolicy, MergeMethod, ParameterValue, Scope
@@ -50,28 +51,58 @@ class InputModel:
     adapter: "LoraAdapter | None" = None
     adapter_ref: ModelRef | None = None
     _counts: dict[str, int] | None = field(default=None, repr=False)
+    _sources: "dict[str, str | Stacked] | None" = field(default=None, repr=False)
 
     @property
     def label(self) -> str:
         return str(self.reference)
 
+    @property
+    def sources(self) -> "dict[str, str | Stacked]":
+        """Every tensor in the layout transformers 5 builds the model in (:mod:`~mtool.merger.conversion`), mapped
+        to the checkpoint tensor (or the stack of them) it is read from."""
+        if self._sources is None:
+            self._sources = converted_names(self.config.get("model_type"), self.checkpoint.names)
+        return self._sources
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sources)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        source = self.sources[name]
+        return tuple(self.checkpoint.info(source).shape) if isinstance(source, str) else source.shape(self.checkpoint)
+
+    def dtype(self, name: str) -> "torch.dtype":
+        source = self.sources[name]
+        return self.checkpoint.info(source if isinstance(source, str) else source.parts[0][0]).dtype
+
+    def read(self, name: str) -> "torch.Tensor":
+        source = self.sources[name]
+        return self.checkpoint.read(source) if isinstance(source, str) else source.read(self.checkpoint)
+
+    def stored_name(self, name: str) -> str | None:
+        """The checkpoint tensor ``name`` is read from as it is (None for a stack)."""
+        source = self.sources[name]
+        return source if isinstance(source, str) else None
+
     def layer_count(self, prefix: str) -> int:
         if self._counts is None:
-            self._counts = layout.layer_counts(self.checkpoint.names)
+            self._counts = layout.layer_counts(self.names)
         return self._counts.get(prefix, 0)
 
     def layer_rests(self, prefix: str, index: int) -> list[str]:
         """The tensor names of layer ``index`` of module ``prefix`` without the ``<prefix>.<index>.`` part."""
-        return [parts[2] for n in self.checkpoint.names
+        return [parts[2] for n in self.names
                 if (parts := split_layer_name(n)) and parts[0] == prefix and parts[1] == index]
 
     def resolve_tensor(self, name: str) -> str | None:
         """The tensor that stands for ``name`` in this model: itself, or the input embedding for a tied
         ``lm_head``."""
-        if name in self.checkpoint:
+        if name in self.sources:
             return name
-        if name == layout.LM_HEAD:
-            return layout.input_embedding(self.checkpoint.names)
+        if name.endswith(layout.LM_HEAD):
+            return layout.input_embedding(self.names)
         return None
 
 
@@ -233,7 +264,7 @@ class _Planner:
         if missing:
             raise InputError(f"tensor {input_names[0]!r} is missing from {', '.join(missing)}",
                              fix="every model of a merge must have the same architecture")
-        shapes = [tuple(s.model.checkpoint.info(s.tensor).shape) for s in resolved]
+        shapes = [s.model.shape(s.tensor) for s in resolved]
         vocabulary = layer is None and layout.is_vocabulary_tensor(
             name, shapes[0], layout.vocabulary_size(resolved[0].model.config))
         if len(set(shapes)) > 1 and not (vocabulary and self.recipe.tokenizer_choice):
@@ -243,7 +274,7 @@ class _Planner:
             raise InputError(f"shape mismatch for tensor {name!r}: {listing}.{hint}")
         params, model_params = self._resolve(module, output_slice, name, input_names, models, base_index, t)
         working = precision.working_dtype(self.read_dtype,
-                                          (s.model.checkpoint.info(s.tensor).dtype for s in resolved))
+                                          (s.model.dtype(s.tensor) for s in resolved))
         self.tensors.append(TensorPlan(
             name=name, shape=shapes[0], sources=resolved, params=params, model_params=model_params,
             base_index=base_index, working_dtype=working,
@@ -255,7 +286,7 @@ class _Planner:
                      before: bool) -> list[str]:
         names: dict[str, None] = {}
         for source in output_slice.sources:
-            for name in self.models[source.model].checkpoint.names:
+            for name in self.models[source.model].names:
                 if split_layer_name(name) is None and layout.before_layers(name) == before and \
                         layout.owner(name, shape.prefixes, shape.language) == module.prefix:
                     names[name] = None
@@ -305,7 +336,7 @@ def build_plan(recipe: Recipe, *, strict: bool = False) -> MergePlan:
     base = recipe.base_model
     first = next(iter(recipe.referenced_models()))
     config_model = models[base] if base else models[first]
-    shape = ModelShape.of(config_model.checkpoint.names)
+    shape = ModelShape.of(config_model.names)
     modules = normalize(recipe, shape, lambda model, prefix: models[model].layer_count(prefix), diagnostics)
     counts = planner.plan(modules, shape)
     choice = recipe.tokenizer_choice

@@ -53,7 +53,7 @@ class MergeOptions:
 
 def input_bytes(tensor: TensorPlan) -> int:
     """Bytes the inputs of ``tensor`` occupy once read (in their storage dtype)."""
-    return sum(tensor.numel * source.model.checkpoint.info(source.tensor).dtype.itemsize for source in tensor.sources)
+    return sum(tensor.numel * source.model.dtype(source.tensor).itemsize for source in tensor.sources)
 
 
 def streams(plan: MergePlan, tensor: TensorPlan) -> bool:
@@ -67,13 +67,15 @@ def read_inputs(plan: MergePlan, tensor: TensorPlan) -> list[ElementSource]:
     from mtool.merger.tokenizer import align_rows, base_rows_for
 
     aligning = tensor.vocabulary and plan.vocabulary is not None
-    if streams(plan, tensor) and not aligning and all(s.model.adapter is None for s in tensor.sources):
-        return [OnDisk(s.model.checkpoint.info(s.tensor)) for s in tensor.sources]
+    stored = [s.model.stored_name(s.tensor) for s in tensor.sources]
+    if streams(plan, tensor) and not aligning and all(s.model.adapter is None for s in tensor.sources) \
+            and all(stored):
+        return [OnDisk(s.model.checkpoint.info(name)) for s, name in zip(tensor.sources, stored)]
     values = []
     for source in tensor.sources:
-        value = source.model.checkpoint.read(source.tensor)
-        if source.model.adapter is not None:
-            applied = source.model.adapter.apply(source.tensor, value)
+        value = source.model.read(source.tensor)
+        if source.model.adapter is not None and source.model.stored_name(source.tensor):
+            applied = source.model.adapter.apply(source.model.stored_name(source.tensor), value)
             value = applied if plan.settings.math == "float32" else applied.to(value.dtype)
         if plan.read_dtype is not None and value.dtype != plan.read_dtype:
             value = value.to(plan.read_dtype)
@@ -85,7 +87,7 @@ def read_inputs(plan: MergePlan, tensor: TensorPlan) -> list[ElementSource]:
                 base_model.resolve_tensor(tensor.name):
             base_weight = next((v for s, v in zip(tensor.sources, values) if s.model is base_model), None)
             if base_weight is None:
-                base_weight = base_model.checkpoint.read(base_model.resolve_tensor(tensor.name))
+                base_weight = base_model.read(base_model.resolve_tensor(tensor.name))
             base_rows = base_rows_for(plan.vocabulary, base_weight, base_model.reference)
         values = align_rows(plan, tensor, values, base_rows)
     return [InMemory(value) for value in values]

@@ -2,68 +2,105 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
 from mtool.errors import ComputeError
-from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope
+from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope, TensorChunks
 
 SLERP_DOT_THRESHOLD = 0.9995
+SLERP_BLOCK = 1 << 20  # norms and dot products are summed per block of this many entries, then over blocks
 
 
-def slerp_statistics(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """``[|v0|^2, |v1|^2, <v0, v1>]``, returned in float64: the sums SLERP needs, additive over chunks."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    return torch.stack([a @ a, b @ b, a @ b]).double()
+@dataclass(frozen=True)
+class SlerpCoefficients:
+    """The weights of the base (``first``) and of the other model (``second``): 1-element tensors in the
+    compute dtype."""
+
+    first: torch.Tensor
+    second: torch.Tensor
 
 
-def slerp_coefficients(t: float, statistics: torch.Tensor, *, dot_threshold: float = SLERP_DOT_THRESHOLD,
-                       eps: float = 1e-8) -> tuple[float, float]:
-    """The weights of v0 and v1: with ``cos(theta) = <v0, v1> / (|v0| |v1|)`` (a norm below ``eps`` counts as 1),
-    clamped to [-1, 1], ``(sin((1-t) theta), sin(t theta)) / sin(theta)``; ``(1 - t, t)`` when
-    ``|cos(theta)| > dot_threshold`` (near-parallel or antiparallel: plain lerp)."""
-    norm_a, norm_b, dot = math.sqrt(statistics[0]), math.sqrt(statistics[1]), float(statistics[2])
-    norm_a = norm_a if norm_a > eps else 1.0
-    norm_b = norm_b if norm_b > eps else 1.0
-    cos = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
-    if abs(cos) > dot_threshold:
-        return 1 - t, t
-    theta = math.acos(cos)
-    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+def _blocks(vector: torch.Tensor, offset: int):
+    """``vector`` (entries ``offset..``) cut at multiples of ``SLERP_BLOCK``, each block as a ``[1, n]`` row."""
+    start = 0
+    while start < vector.numel():
+        end = min(vector.numel(), (offset + start) // SLERP_BLOCK * SLERP_BLOCK + SLERP_BLOCK - offset)
+        yield vector[start:end].reshape(1, -1)
+        start = end
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = SLERP_DOT_THRESHOLD,
-          eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors, treated as flat vectors:
-    ``c0 * v0 + c1 * v1`` with the coefficients of :func:`slerp_coefficients`. They apply to the unnormalized
-    tensors, so norms interpolate too."""
-    c0, c1 = slerp_coefficients(t, slerp_statistics(v0, v1), dot_threshold=dot_threshold, eps=eps)
-    return torch.add(v0 * c0, v1, alpha=c1)
+def slerp_coefficients(t: float, norm_parts: tuple[list, list], dot_parts_of, *,
+                       dot_threshold: float = SLERP_DOT_THRESHOLD, eps: float = 1e-8) -> SlerpCoefficients:
+    """SLERP's weights, computed as mergekit computes them (float32, float64 for float64 inputs): the norms
+    ``|v0|``, ``|v1|`` are the norms of the per-block norms (a norm at or below ``eps`` counts as 1); ``cos =
+    sum over blocks of <v0/|v0|, v1/|v1|>`` clamped to [-1, 1] (``dot_parts_of(norm0, norm1)`` gives the blocks'
+    sums); ``(sin((1-t) theta), sin(t theta)) / sin(theta)``, or ``(1 - t, t)`` when ``|cos| > dot_threshold``."""
+    norm_a = torch.linalg.vector_norm(torch.stack(norm_parts[0]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(norm_parts[1]), dim=0)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = torch.stack(dot_parts_of(norm_a, norm_b)).sum(dim=0).clamp(-1, 1)
+    t_tensor = torch.tensor([t], dtype=dot.dtype).reshape(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    first = torch.where(linear, 1 - t_tensor, torch.sin((1 - t_tensor) * theta) / sin_theta)
+    second = torch.where(linear, t_tensor, torch.sin(t_tensor * theta) / sin_theta)
+    return SlerpCoefficients(first, second)
 
 
 def _slerp_pair(task: MergeTask) -> tuple[torch.Tensor, torch.Tensor]:
     return task.base, task.inputs[1 - task.base_index]
 
 
-def slerp_merge(task: MergeTask) -> torch.Tensor:
-    """SLERP from the base (t = 0) to the other model (t = 1)."""
-    return slerp(float(task.params["t"]), *_slerp_pair(task))
+def slerp_prepare(tensor: TensorChunks) -> SlerpCoefficients:
+    """Two passes over the tensor: the blocks' norms, then the blocks' dot products of the normalized vectors."""
+    other = 1 - tensor.base_index
+    norms: tuple[list, list] = ([], [])
+    for chunk in tensor.chunks():
+        pairs = zip(_blocks(chunk.input(tensor.base_index), chunk.offset), _blocks(chunk.input(other), chunk.offset))
+        for a, b in pairs:
+            norms[0].append(torch.linalg.vector_norm(a, dim=1, keepdim=True))
+            norms[1].append(torch.linalg.vector_norm(b, dim=1, keepdim=True))
+    if not norms[0]:
+        zero = torch.zeros(1, 1, dtype=tensor.compute_dtype)
+        norms = ([zero], [zero])
+
+    def dots(norm_a: torch.Tensor, norm_b: torch.Tensor) -> list:
+        parts = []
+        for chunk in tensor.chunks():
+            for a, b in zip(_blocks(chunk.input(tensor.base_index), chunk.offset),
+                            _blocks(chunk.input(other), chunk.offset)):
+                parts.append(((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True))
+        return parts or [torch.zeros(1, 1, dtype=tensor.compute_dtype)]
+
+    return slerp_coefficients(float(tensor.params["t"]), norms, dots)
 
 
-def _slerp_finish(task: MergeTask, statistics: torch.Tensor) -> torch.Tensor:
+def slerp_finish(task: MergeTask, coefficients: SlerpCoefficients) -> torch.Tensor:
+    """One chunk: ``first * v0 + second * v1`` (the base is ``v0``)."""
     v0, v1 = _slerp_pair(task)
-    c0, c1 = slerp_coefficients(float(task.params["t"]), statistics)
-    return torch.add(v0 * c0, v1, alpha=c1)
+    shape = v0.shape
+    return (coefficients.first * v0.reshape(1, -1) + coefficients.second * v1.reshape(1, -1)).reshape(shape)
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors, treated as flat vectors (see :func:`slerp_coefficients`; the
+    weights apply to the unnormalized tensors, so norms interpolate too)."""
+    from mtool.merger.methods.base import WholeTensor
+
+    task = MergeTask(name="slerp", inputs=[v0, v1], model_params=[{}, {}], params={"t": t}, base_index=0)
+    return slerp_finish(task, slerp_prepare(WholeTensor(task)))
 
 
 SLERP = MergeMethod(
     name="slerp",
-    function=slerp_merge,
     parameters=(ParameterSpec("t", float, Scope.SHARED, help="0 = base model, 1 = the other model"),),
     base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, internal_float32=True,
-    prepare=lambda tensor: sum(slerp_statistics(*_slerp_pair(chunk.task())) for chunk in tensor.chunks()),
-    finish=_slerp_finish,
+    prepare=slerp_prepare,
+    finish=slerp_finish,
     description="spherical interpolation between the base and one model",
     reference="https://en.wikipedia.org/wiki/Slerp",
 )
