@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +49,8 @@ class MergeOptions:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     force: bool = False
     write_card: bool = True
+    record_extras: dict = field(default_factory=dict)  # more parameters for the lineage record (a run's stages)
+    parent_names: dict[str, str] = field(default_factory=dict)  # parent folder -> the id the record gives it
 
 
 def input_bytes(tensor: TensorPlan) -> int:
@@ -222,10 +224,13 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions, *
                         "math": plan.settings.math, "num_hidden_layers": plan.num_layers,
                         **({"mtool_settings": plan.settings.differences()} if plan.settings.differences() else {}),
                         **({"config_repairs": repairs} if repairs else {}),
-                        **({"warnings": list(plan.diagnostics.messages)} if plan.diagnostics.messages else {})},
+                        **({"warnings": list(plan.diagnostics.messages)} if plan.diagnostics.messages else {}),
+                        **options.record_extras},
             seed=options.seed if plan.method.random else None,
             parameter_count=sum(spec.numel for spec in specs),
         )
+        for parent in record.parents:
+            parent.id = options.parent_names.get(parent.path or "", parent.id)
         finish_output(staging, record, hasher=hasher, digests=writer.digests, card=options.write_card)
     total_bytes = sum(spec.nbytes for spec in specs)
     elapsed = time.perf_counter() - started

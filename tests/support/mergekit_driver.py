@@ -40,12 +40,22 @@ def _moe(job):
     build(config, job["out"], merge_options=options, **job.get("build", {}))
 
 
+def _multi(job):
+    from mergekit.scripts.multimerge import main as multimerge
+
+    arguments = [job["recipe"], "--intermediate-dir", job["out"] + ".stages", "--out-path", job["out"],
+                 "--no-write-model-card", "--quiet"]
+    if job.get("seed") is not None:
+        arguments += ["--random-seed", str(job["seed"])]
+    multimerge.main(arguments, standalone_mode=False)
+
+
 def main(path):
     with open(path, encoding="utf-8") as handle:
         jobs = json.load(handle)
     for job in jobs:
         try:
-            {"merge": _merge, "moe": _moe}[job.get("kind", "merge")](job)
+            {"merge": _merge, "moe": _moe, "multi": _multi}[job.get("kind", "merge")](job)
         except Exception as error:  # reported per job: the caller decides whether a failure is expected
             with open(job["out"] + ".error", "w", encoding="utf-8") as handle:
                 handle.write(f"{type(error).__name__}: {error}")
