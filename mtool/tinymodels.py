@@ -213,7 +213,7 @@ def make_tiny_lora(base: str | os.PathLike, folder: str | os.PathLike, *, seed: 
 # The architecture matrix: families whose tensor layouts differ from Llama's in ways a merge must handle (fused
 # projections, extra norms, experts, GPT-2 naming, a language tower under another prefix).
 MATRIX_ARCHITECTURES = ("qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe", "qwen2_moe", "gpt2",
-                        "gpt_neox", "llava", "qwen2_vl")
+                        "gpt_neox", "granite", "llava", "qwen2_vl")
 
 
 def matrix_config(spec: TinySpec, tokenizer):
@@ -238,6 +238,8 @@ def matrix_config(spec: TinySpec, tokenizer):
                                              sliding_window=16, sliding_window_pattern=2)
     if name == "phi3":
         return transformers.Phi3Config(**decoder)
+    if name == "granite":
+        return transformers.GraniteConfig(**decoder)
     if name == "mixtral":
         return transformers.MixtralConfig(**decoder, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
     if name == "qwen3_moe":

@@ -356,6 +356,12 @@ def build_plan(recipe: Recipe, *, strict: bool = False) -> MergePlan:
 
         plan.vocabulary = plan_vocabulary(plan)
     if recipe.chat_template:
+        from mtool.chat_templates import BUILTIN_TEMPLATES
+
+        if recipe.chat_template in BUILTIN_TEMPLATES:
+            diagnostics.note(f"chat_template {recipe.chat_template!r} is mtool's own template; mergekit ships its own "
+                             "file of that name, whose whitespace may differ (its chatml adds a blank line before "
+                             "the assistant's turn)")
         plan.chat_template = resolve_chat_template(recipe.chat_template, where="chat_template",
                                                    auto_from=[m.checkpoint.folder for m in models.values()])
     return plan

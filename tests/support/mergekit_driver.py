@@ -17,7 +17,8 @@ def _merge(job):
     from mergekit.options import MergeOptions
 
     options = MergeOptions(copy_tokenizer=True, lazy_unpickle=False, quiet=True, write_model_card=False,
-                           random_seed=job.get("seed"), **job.get("options", {}))
+                           random_seed=job.get("seed"), lora_merge_cache=job["out"] + ".lora-cache",
+                           **job.get("options", {}))
     with open(job["recipe"], encoding="utf-8") as handle:
         text = handle.read()
     run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), job["out"], options=options,
