@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -294,3 +295,60 @@ def test_32_bit_draws_split_the_same_way_on_any_byte_order(monkeypatch) -> None:
     monkeypatch.setattr(sys, "byteorder", "little" if sys.byteorder == "big" else "big")
     assert np.array_equal(_low_then_high_halves(outputs), native)
     assert native[0] == outputs[0] & 0xFFFFFFFF and native[1] == outputs[0] >> 32
+
+
+def test_ram_keeps_unique_changes_and_averages_shared_ones() -> None:
+    base = torch.zeros(2, 5, dtype=torch.float64)
+    x1 = torch.tensor([[0.5, 0.0, 0.2, 1e-6, -0.3], [0.0, 0.1, 0.0, 0.4, 0.0]], dtype=torch.float64)
+    x2 = torch.tensor([[0.1, 0.0, 0.6, 0.0, 0.3], [0.0, 0.0, 0.0, 0.2, 0.7]], dtype=torch.float64)
+    eps = 1e-5
+    expected = torch.zeros_like(base)
+    for index in range(base.numel()):  # per entry, in float64: the contributing models' mean, or the one change
+        values = [t.reshape(-1)[index].item() for t in (x1, x2) if abs(t.reshape(-1)[index].item()) > eps]
+        expected.view(-1)[index] = sum(values) / len(values) if values else 0.0
+    _close(_run("ram", [base, x1, x2], [{}, {}, {}], {"epsilon": eps}, base_index=0), expected, 1e-7)
+
+
+def test_ramplus_tl_boosts_each_models_unique_changes() -> None:
+    base, x1, x2 = _tensors(3, (30, 20), seed=14)
+    eps, r, alpha = 0.25, 0.1, 0.2
+    deltas = [x1 - base, x2 - base]
+    contributes = [d.abs() > eps for d in deltas]
+    count = sum(c.double() for c in contributes)
+    expected = base.clone()
+    for delta, own in zip(deltas, contributes):
+        shared = int((own & (count > 1)).sum())
+        unique = int((own & (count == 1)).sum())
+        rho = shared / max(unique, eps)
+        boost = 1 + r * min(max(rho, 0.0), alpha)
+        expected += torch.where(own & (count == 1), delta * boost, 0.0)
+        expected += torch.where(own & (count > 1), delta / count.clamp(min=1), 0.0)
+    result = _run("ramplus_tl", [base, x1, x2], [{}, {}, {}], {"r": r, "alpha": alpha, "epsilon": eps}, base_index=0)
+    _close(result, expected, 1e-6)
+
+
+def test_ramplus_tl_and_arcee_fusion_write_float32_for_bf16_inputs() -> None:
+    base, x1 = (t.bfloat16() for t in _tensors(2, (8, 6), seed=15))
+    for method in ("ramplus_tl", "arcee_fusion"):
+        spec = get_method(method)
+        params = {p.name: p.default for p in spec.parameters}
+        result = spec.merge(MergeTask(name="t", inputs=[base, x1], model_params=[{}, {}], params=params,
+                                      base_index=0))
+        assert result.dtype == torch.float32 and spec.result_float32
+
+
+def test_arcee_fusion_takes_the_important_changes() -> None:
+    base, x1 = _tensors(2, (40, 16), seed=16)
+    x1[3, :] = base[3, :] * 6.0  # one row changed a lot: its KL and differences make it the upper outlier
+    difference = (x1 - base).abs()
+    p = torch.softmax(x1, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = difference * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    ordered = importance.reshape(-1).sort().values
+    n = ordered.numel()
+    q1, median, q3 = (ordered[int(np.float32(f) * (n - 1))] for f in (0.25, 0.5, 0.75))
+    mask = (importance >= median + 1.5 * (q3 - q1)).double()
+    expected = base + (x1 - base) * mask
+    result = _run("arcee_fusion", [base, x1], [{}, {}], {}, base_index=0)
+    _close(result, expected, 1e-6)
+    assert torch.allclose(result[3], x1[3], atol=1e-5) and mask.sum() < mask.numel() / 4  # B + (X - B)
