@@ -82,3 +82,9 @@ def test_dry_run_plans_what_it_can(trio, tmp_path, run_cli) -> None:
 def test_malformed_stage_sets_are_refused(text, message) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_stages(text, source="multi.yaml")
+
+
+def test_example_stage_recipe_parses_in_order() -> None:
+    text = (Path(__file__).resolve().parents[1] / "recipes" / "stages" / "slerp-then-ties.yaml").read_text()
+    stages = parse_stages(text, source="slerp-then-ties.yaml")
+    assert [s.name for s in stages] == ["hermes-zephyr", None] and stages[1].needs == {"hermes-zephyr"}

@@ -160,3 +160,21 @@ def test_unknown_keys_warn_and_strict_refuses(built: Path, tmp_path, run_cli) ->
     result = run_cli("moe", path, tmp_path / "out", "--seed", "7")
     assert "expert_count" in result.output
     assert model_differences(tmp_path / "out", built / "mixtral-random" / "mtool") == []
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[1] / "recipes" / "moe").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_example_configs_plan_on_tiny_models(example: Path, tiny, tmp_path) -> None:
+    import re
+
+    text = example.read_text()
+    architecture = "qwen2" if "Qwen" in text else "llama"
+    base = tiny.model(architecture)
+    stand_ins = [base] + [tiny.finetune(base, seed=s) for s in (1, 2, 3, 4)]
+    hub_ids = list(dict.fromkeys(re.findall(r"[\w.-]+/[\w.-]+(?=\s|$)", text)))
+    for hub_id, stand_in in sorted(zip(hub_ids, stand_ins), key=lambda pair: -len(pair[0])):  # longest first
+        text = re.sub(re.escape(hub_id) + r"(?=\s|$)", str(stand_in), text)
+    (tmp_path / "moe.yaml").write_text(text)
+    config, ignored, source = load_moe_config(tmp_path / "moe.yaml")
+    plan = plan_moe(config, source)
+    assert not ignored and plan.tensors and plan.layout.name in ("Mixtral", "Qwen MoE")
