@@ -153,9 +153,9 @@ def prepare_task_vectors(tensor: TensorChunks, options: TaskVectorOptions) -> li
                 mask = _random_mask(delta, densities[position], drawing[position], seed=tensor.seed,
                                     position=position, offset=chunk.offset)
                 masks[position][chunk.offset] = mask  # drawn once: finishing the chunk reuses it (a byte an entry)
-                magnitude = delta.to(work).abs_()
-                before[position] += float(magnitude.sum(dtype=torch.float64))
-                after[position] += float(magnitude.mul_(mask).sum(dtype=torch.float64))
+                magnitude = delta.to(work).abs_()  # chunk sums in float32 (pairwise), the totals in float64
+                before[position] += float(magnitude.sum(dtype=torch.float32))
+                after[position] += float(magnitude.mul_(mask).sum(dtype=torch.float32))
                 continue
             kept = _sparsified(delta, densities[position], drawing[position], options, seed=tensor.seed,
                                position=position, offset=chunk.offset)
