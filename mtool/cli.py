@@ -30,6 +30,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 COMMANDS: dict[str, str] = {
     "info": "mtool.commands_info:info",
     "merge": "mtool.merger.commands:merge",
+    "moe": "mtool.moe.commands:moe",
     "adapters": "mtool.adapters.commands:adapters",
     "train": "mtool.train.commands:train",
     "estimate": "mtool.train.commands:estimate",

@@ -91,6 +91,8 @@ def build_tokenizer(vocab_size: int = 384, corpus: "Sequence[str] | None" = None
 def _config(spec: TinySpec, tokenizer):
     from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
+    if spec.architecture in MATRIX_ARCHITECTURES:
+        return matrix_config(spec, tokenizer)
     common = dict(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
@@ -118,20 +120,21 @@ def _config(spec: TinySpec, tokenizer):
 def build_model(spec: TinySpec = TinySpec(), *, seed: int = 0, tokenizer=None):
     """A randomly initialised causal LM of ``spec``'s shape (float32, eval mode), deterministic in ``seed``."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     tokenizer = tokenizer or build_tokenizer(spec.vocab_size)
     config = _config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = model_class(config).from_config(config, dtype=torch.float32)
         with torch.no_grad():  # larger than HF's default init, so merges and adapters change logits visibly
             for name, parameter in model.named_parameters():
                 if parameter.dim() >= 2:
                     parameter.normal_(0.0, 0.08)
-                elif "norm" in name:
-                    parameter.copy_(1.0 + 0.05 * torch.randn_like(parameter)) if spec.architecture != "gemma" \
-                        else parameter.normal_(0.0, 0.05)
+                elif "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                    parameter.copy_(1.0 + 0.05 * torch.randn_like(parameter)) \
+                        if not spec.architecture.startswith("gemma") else parameter.normal_(0.0, 0.05)
+                else:
+                    parameter.normal_(0.0, 0.02)
     return model.eval()
 
 
@@ -170,9 +173,9 @@ def make_tiny_finetune(base: str | os.PathLike, folder: str | os.PathLike, *, se
                        shards: int = 1, dtype: "torch.dtype | None" = None) -> Path:
     """A "fine-tune" of ``base``: every floating tensor plus Gaussian noise of std ``scale`` (seeded)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = load_tiny_model(base)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -205,3 +208,88 @@ def make_tiny_lora(base: str | os.PathLike, folder: str | os.PathLike, *, seed: 
     data["base_model_name_or_path"] = str(Path(base).resolve())
     config_path.write_text(json.dumps(data, indent=2))
     return Path(folder)
+
+
+# The architecture matrix: families whose tensor layouts differ from Llama's in ways a merge must handle (fused
+# projections, extra norms, experts, GPT-2 naming, a language tower under another prefix).
+MATRIX_ARCHITECTURES = ("qwen3", "gemma2", "gemma3_text", "phi3", "mixtral", "qwen3_moe", "qwen2_moe", "gpt2",
+                        "gpt_neox", "granite", "llava", "qwen2_vl")
+
+
+def matrix_config(spec: TinySpec, tokenizer):
+    """The config of a matrix architecture at ``spec``'s size (experts: 4, two per token)."""
+    import transformers
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    decoder = dict(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
+                   num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                   num_key_value_heads=spec.num_kv_heads, max_position_embeddings=spec.max_position_embeddings,
+                   tie_word_embeddings=spec.tie_embeddings, **ids)
+    head_dim = spec.hidden_size // spec.num_heads
+    name = spec.architecture
+    if name == "qwen3":
+        return transformers.Qwen3Config(**decoder, head_dim=head_dim)
+    if name == "gemma2":
+        return transformers.Gemma2Config(**decoder, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                         sliding_window=16)
+    if name == "gemma3_text":
+        return transformers.Gemma3TextConfig(**decoder, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                                             sliding_window=16, sliding_window_pattern=2)
+    if name == "phi3":
+        return transformers.Phi3Config(**decoder)
+    if name == "granite":
+        return transformers.GraniteConfig(**decoder)
+    if name == "mixtral":
+        return transformers.MixtralConfig(**decoder, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
+    if name == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**decoder, head_dim=head_dim, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=spec.intermediate_size, decoder_sparse_step=1)
+    if name == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(**decoder, num_experts=4, num_experts_per_tok=2,
+                                           moe_intermediate_size=spec.intermediate_size,
+                                           shared_expert_intermediate_size=spec.intermediate_size,
+                                           decoder_sparse_step=1)
+    if name == "gpt2":
+        return transformers.GPT2Config(vocab_size=spec.vocab_size, n_embd=spec.hidden_size, n_layer=spec.num_layers,
+                                       n_head=spec.num_heads, n_positions=spec.max_position_embeddings,
+                                       tie_word_embeddings=True, **ids)
+    if name == "gpt_neox":
+        return transformers.GPTNeoXConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                                          num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                                          intermediate_size=spec.intermediate_size,
+                                          max_position_embeddings=spec.max_position_embeddings,
+                                          tie_word_embeddings=spec.tie_embeddings, **ids)
+    text = transformers.LlamaConfig(**decoder) if name == "llava" else None
+    if name == "llava":
+        vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                               num_attention_heads=2, image_size=32, patch_size=8)
+        return transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_id=spec.vocab_size - 1,
+                                        tie_word_embeddings=spec.tie_embeddings)
+    if name == "qwen2_vl":
+        text = dict(decoder, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+        vision = dict(depth=2, embed_dim=32, hidden_size=spec.hidden_size, num_heads=2, mlp_ratio=2, patch_size=4,
+                      spatial_merge_size=2, temporal_patch_size=2, in_channels=3)
+        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=spec.vocab_size - 1,
+                                          video_token_id=spec.vocab_size - 2, vision_start_token_id=spec.vocab_size - 3,
+                                          tie_word_embeddings=spec.tie_embeddings, **ids)
+    raise ValueError(f"unknown tiny architecture {name!r}")
+
+
+def model_class(config):
+    """The transformers class that builds a tiny model of ``config``: the causal LM, or the image-text model of a
+    vision-language config."""
+    import transformers
+
+    if config.model_type in ("llava", "qwen2_vl"):
+        return transformers.AutoModelForImageTextToText
+    return transformers.AutoModelForCausalLM
+
+
+def load_tiny_model(folder: str | os.PathLike, dtype=None):
+    """A saved tiny model, in float32 unless ``dtype`` says otherwise."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    return model_class(config).from_pretrained(folder, dtype=dtype or torch.float32)

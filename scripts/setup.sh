@@ -21,7 +21,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/python -m pip install -q "$torch_requirement"
 fi
 stamp=.venv/.mtool-installed
-want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
+# pyproject.toml and the C helper's sources: a change to either reinstalls (and rebuilds the helper in place)
+want="$(cat pyproject.toml mtool/merger/methods/_sortpath.c mtool/merger/methods/_sortpath_body.h \
+        | sha256sum | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing mtool[$extras]" >&2
   # compat: a plain path entry (no import hook, and no warning box about folders shadowing the package)

@@ -134,7 +134,8 @@ def test_merge_starts_hashing_its_inputs_before_planning(trio, tmp_path, monkeyp
     events = []
     start_hashing, plan = FileHasher.start, plan_module.build_plan
     monkeypatch.setattr(FileHasher, "start", lambda self, files: events.append("hash") or start_hashing(self, files))
-    monkeypatch.setattr(plan_module, "build_plan", lambda recipe: events.append("plan") or plan(recipe))
+    monkeypatch.setattr(plan_module, "build_plan",
+                        lambda recipe, **options: events.append("plan") or plan(recipe, **options))
     recipe = _write(tmp_path, _dare(trio))
     run_cli("-q", "merge", recipe, tmp_path / "out", "--no-card")
     run_cli("-q", "merge", recipe, "--dry-run")  # a dry run reads nothing
@@ -179,9 +180,14 @@ def test_union_vocabulary_aligns_embedding_rows(tiny, tmp_path, run_cli) -> None
     new_id = merged_tokenizer.convert_tokens_to_ids("<tool>")
     assert embed.shape[0] == len(tokenizer)
     torch.testing.assert_close(embed[5], 0.5 * base_embed[5] + 0.5 * ext_embed[5])
-    # the base lacks <tool>: it contributes the mean of its rows, the extended model its own row
-    torch.testing.assert_close(embed[new_id], 0.5 * base_embed.mean(0) + 0.5 * ext_embed[new_id])
+    # mergekit's fill: only the extended model has <tool>, so every input carries its row
+    torch.testing.assert_close(embed[new_id], ext_embed[new_id])
     assert AutoModelForCausalLM.from_pretrained(out).config.vocab_size == len(tokenizer)
+    # mtool's fill (opt-in): the base lacks <tool> and contributes the mean of its rows
+    recipe.write_text(recipe.read_text() + "mtool:\n  vocabulary_fill: base\n")
+    run_cli("-q", "merge", recipe, tmp_path / "union-base-fill")
+    embed = _tensors(tmp_path / "union-base-fill")["model.embed_tokens.weight"]
+    torch.testing.assert_close(embed[new_id], 0.5 * base_embed.mean(0) + 0.5 * ext_embed[new_id])
 
 
 def test_different_vocabularies_without_tokenizer_source_are_refused(tiny, tmp_path, run_cli) -> None:
@@ -216,9 +222,9 @@ def test_bad_input_is_one_clear_error_and_no_output(trio, tmp_path, run_cli, cas
         "shape": (None, "shape mismatch for tensor"),
         "unknown_method": (f"merge_method: frankenstein\n{models}", "unknown merge method 'frankenstein'"),
         "unknown_parameter": (f"merge_method: ties\nbase_model: {base}\n{models}parameters: {{densty: 0.5}}\n",
-                              "has no parameter 'densty'"),
-        "density": (f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n"
-                    f"    parameters: {{weight: 1, density: 1.5}}\n", "density"),
+                              "has no parameter 'densty'"),  # with --strict (below); mergekit ignores it
+        "density": (f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n"
+                    f"    parameters: {{weight: 1, density: -0.5}}\n", "density"),
         "yaml": ("merge_method: ties\nmodels:\n  - model: [a\n", "line"),
         "layer_range": (f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {base}\n"
                         f"        layer_range: [0, 9]\n", "goes past the 2 layers"),
@@ -244,7 +250,8 @@ def test_bad_input_is_one_clear_error_and_no_output(trio, tmp_path, run_cli, cas
         text = f"merge_method: linear\nmodels:\n  - model: {ft1}\n    parameters: {{weight: 1}}\n" \
                f"  - model: {broken}\n    parameters: {{weight: 1}}\n"
     recipe = _write(tmp_path, text)
-    result = run_cli("merge", recipe, tmp_path / "out", expect=None)
+    strict = ("--strict",) if case == "unknown_parameter" else ()
+    result = run_cli("merge", recipe, tmp_path / "out", *strict, expect=None)
     assert result.exit_code != 0
     assert result.output.startswith("error: ") and message in result.output, result.output
     assert "Traceback" not in result.output

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from mtool.errors import ConfigError
 from mtool.merger.methods import METHODS, get_method
 from mtool.merger.methods.base import MergeTask
-from mtool.merger.methods.sparsify import kth_largest
 
 SHAPES = [(48,), (24, 40)]
 
@@ -243,30 +243,10 @@ def test_chunked_merges_equal_whole_tensor_merges() -> None:
         _close(pieces.double(), whole.reshape(-1).double(), 1e-6)
 
 
-def test_kth_largest_is_exact() -> None:
-    generator = torch.Generator().manual_seed(0)
-    for n in (10, 5000, 400_000):
-        values = torch.rand(n, generator=generator)
-        reference = torch.sort(values, descending=True).values
-        for k in (1, n // 7, n // 2, n - 1, n):
-            if k >= 1:
-                assert kth_largest(values, k) == reference[k - 1]
-
-
-def test_kth_largest_is_exact_over_several_parts_with_repeated_values() -> None:
-    generator = torch.Generator().manual_seed(1)
-    values = torch.randint(0, 5000, (9_000_000,), generator=generator).double() / 5000  # 3 parts, many ties
-    reference = torch.sort(values, descending=True).values
-    for k in (1, 123_457, 4_500_000, 8_999_999):
-        assert kth_largest(values, k) == reference[k - 1]
-    halves = values[:1_000_000].bfloat16()  # a dtype numpy lacks takes torch's path
-    assert kth_largest(halves, 1234) == torch.sort(halves, descending=True).values[1233]
-
-
 def test_registry_knows_every_mergekit_method_and_rejects_others() -> None:
     assert set(METHODS) == {"linear", "slerp", "nuslerp", "multislerp", "karcher", "task_arithmetic", "ties",
                             "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear",
-                            "model_stock", "sce", "nearswap", "passthrough"}
+                            "model_stock", "sce", "nearswap", "passthrough", "arcee_fusion", "ram", "ramplus_tl"}
     with pytest.raises(ConfigError, match="unknown merge method 'tie'"):
         get_method("tie")
 
@@ -315,3 +295,60 @@ def test_32_bit_draws_split_the_same_way_on_any_byte_order(monkeypatch) -> None:
     monkeypatch.setattr(sys, "byteorder", "little" if sys.byteorder == "big" else "big")
     assert np.array_equal(_low_then_high_halves(outputs), native)
     assert native[0] == outputs[0] & 0xFFFFFFFF and native[1] == outputs[0] >> 32
+
+
+def test_ram_keeps_unique_changes_and_averages_shared_ones() -> None:
+    base = torch.zeros(2, 5, dtype=torch.float64)
+    x1 = torch.tensor([[0.5, 0.0, 0.2, 1e-6, -0.3], [0.0, 0.1, 0.0, 0.4, 0.0]], dtype=torch.float64)
+    x2 = torch.tensor([[0.1, 0.0, 0.6, 0.0, 0.3], [0.0, 0.0, 0.0, 0.2, 0.7]], dtype=torch.float64)
+    eps = 1e-5
+    expected = torch.zeros_like(base)
+    for index in range(base.numel()):  # per entry, in float64: the contributing models' mean, or the one change
+        values = [t.reshape(-1)[index].item() for t in (x1, x2) if abs(t.reshape(-1)[index].item()) > eps]
+        expected.view(-1)[index] = sum(values) / len(values) if values else 0.0
+    _close(_run("ram", [base, x1, x2], [{}, {}, {}], {"epsilon": eps}, base_index=0), expected, 1e-7)
+
+
+def test_ramplus_tl_boosts_each_models_unique_changes() -> None:
+    base, x1, x2 = _tensors(3, (30, 20), seed=14)
+    eps, r, alpha = 0.25, 0.1, 0.2
+    deltas = [x1 - base, x2 - base]
+    contributes = [d.abs() > eps for d in deltas]
+    count = sum(c.double() for c in contributes)
+    expected = base.clone()
+    for delta, own in zip(deltas, contributes):
+        shared = int((own & (count > 1)).sum())
+        unique = int((own & (count == 1)).sum())
+        rho = shared / max(unique, eps)
+        boost = 1 + r * min(max(rho, 0.0), alpha)
+        expected += torch.where(own & (count == 1), delta * boost, 0.0)
+        expected += torch.where(own & (count > 1), delta / count.clamp(min=1), 0.0)
+    result = _run("ramplus_tl", [base, x1, x2], [{}, {}, {}], {"r": r, "alpha": alpha, "epsilon": eps}, base_index=0)
+    _close(result, expected, 1e-6)
+
+
+def test_ramplus_tl_and_arcee_fusion_write_float32_for_bf16_inputs() -> None:
+    base, x1 = (t.bfloat16() for t in _tensors(2, (8, 6), seed=15))
+    for method in ("ramplus_tl", "arcee_fusion"):
+        spec = get_method(method)
+        params = {p.name: p.default for p in spec.parameters}
+        result = spec.merge(MergeTask(name="t", inputs=[base, x1], model_params=[{}, {}], params=params,
+                                      base_index=0))
+        assert result.dtype == torch.float32 and spec.result_float32
+
+
+def test_arcee_fusion_takes_the_important_changes() -> None:
+    base, x1 = _tensors(2, (40, 16), seed=16)
+    x1[3, :] = base[3, :] * 6.0  # one row changed a lot: its KL and differences make it the upper outlier
+    difference = (x1 - base).abs()
+    p = torch.softmax(x1, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = difference * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    ordered = importance.reshape(-1).sort().values
+    n = ordered.numel()
+    q1, median, q3 = (ordered[int(np.float32(f) * (n - 1))] for f in (0.25, 0.5, 0.75))
+    mask = (importance >= median + 1.5 * (q3 - q1)).double()
+    expected = base + (x1 - base) * mask
+    result = _run("arcee_fusion", [base, x1], [{}, {}], {}, base_index=0)
+    _close(result, expected, 1e-6)
+    assert torch.allclose(result[3], x1[3], atol=1e-5) and mask.sum() < mask.numel() / 4  # B + (X - B)

@@ -3,7 +3,7 @@
 For every tensor of the base, in the base's order: read it (one positioned read), and if an adapter changes it
 compute in float32
 
-    W0 = W                          or dequantize(quantize_4bit(W)) with --dequantized-base
+    W0 = W                          or dequantize(quantize_4bit(W)) with --dequantized-base (float32, exact)
     W' = adapter_k(... adapter_1(W0))  each adapter_k: W + w_k * s_k * B_k @ A_k (DoRA: m / ||W0 + dW|| * (W + dW))
 
 then cast once to the output dtype and write it straight into its place in the output shards. Unchanged

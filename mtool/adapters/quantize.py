@@ -50,11 +50,18 @@ def is_quantized_weight(name: str, shape: tuple[int, ...], settings: QuantSettin
 
 
 def dequantized(weight: "torch.Tensor", settings: QuantSettings) -> "torch.Tensor":
-    """``dequantize_4bit(quantize_4bit(W))`` with the training run's settings, in ``W``'s dtype."""
+    """``dequantize_4bit(quantize_4bit(W))`` with the training run's settings, in float32: each entry is its
+    4-bit code's value times its block's scale, exactly (rounding it to ``W``'s 16-bit dtype here would round the
+    merged weight twice)."""
+    import copy
+
     import bitsandbytes.functional as bnb_functional
+    import torch
 
     packed, state = bnb_functional.quantize_4bit(weight.contiguous(), blocksize=settings.blocksize,
                                                  compress_statistics=settings.double_quant,
                                                  quant_type=settings.quant_type)
+    state = copy.copy(state)
+    state.dtype = torch.float32
     return bnb_functional.dequantize_4bit(packed, state, blocksize=settings.blocksize,
                                           quant_type=settings.quant_type)

@@ -19,15 +19,22 @@ from mtool.ui import info
 @click.option("--shard-size", type=BYTE_SIZE, default="5GB", show_default=True,
               help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--no-card", is_flag=True, help="Do not write README.md (the model card).")
+@click.option("--strict", is_flag=True,
+              help="Refuse what mergekit silently ignores (unknown keys, parameters the method does not read).")
+@click.option("--intermediate-dir", type=click.Path(file_okay=False), default=None,
+              help="Multi-stage recipes: keep the stages' outputs here (and reuse unchanged ones) instead of a "
+                   "temporary folder.")
 def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, device: str, shard_size: int,
-          no_card: bool) -> None:
+          no_card: bool, strict: bool, intermediate_dir: str | None) -> None:
     """Merge models as RECIPE (mergekit YAML, unchanged) says, into the folder OUT.
 
-    Every method of mergekit is supported: linear, slerp, nuslerp, multislerp, karcher, task_arithmetic,
-    ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, sce,
-    nearswap, passthrough (layer-slice stacking). Models are local folders or Hub ids, `path@revision`, and
-    `path+adapter` applies a LoRA adapter on the fly. The whole recipe and every input is checked before a
-    byte is written; the output appears atomically with its config, tokenizer, lineage record and card.
+    The 20 merge methods of mergekit 0.1.5, with its results: linear, slerp, nuslerp, multislerp, karcher,
+    task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear,
+    model_stock, sce, nearswap, passthrough (layer-slice stacking), arcee_fusion, ram, ramplus_tl. Models are
+    local folders or Hub ids, `path@revision`, and `path+adapter` applies a LoRA adapter on the fly. The whole
+    recipe and every input is checked before a byte is written; the output appears atomically with its config,
+    tokenizer, lineage record and card. A file of several YAML documents (mergekit-multi's format) runs them
+    as stages, each using earlier ones by their `name:`.
     """
     from mtool.errors import InputError
     from mtool.io.hashing import FileHasher
@@ -35,6 +42,22 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
 
     if out is None and not dry_run:
         raise click.UsageError("give OUT (the output folder), or --dry-run")
+    from pathlib import Path
+
+    from mtool.merger.stages import is_multi_stage
+
+    if is_multi_stage(Path(recipe).read_text(encoding="utf-8")):
+        from mtool.merger.run import MergeOptions
+        from mtool.merger.stages import parse_stages, run_stages
+
+        stages = parse_stages(Path(recipe).read_text(encoding="utf-8"), source=recipe)
+        options = MergeOptions(seed=seed, device=device, max_shard_bytes=shard_size, force=force,
+                               write_card=not no_card)
+        run_stages(stages, Path(out or "."), options, strict=strict, dry_run=dry_run,
+                   intermediate_dir=Path(intermediate_dir) if intermediate_dir else None)
+        if not dry_run:
+            info(f"done: {out}")
+        return
     parsed = load_recipe(recipe)
     hasher = FileHasher.default()
     if not dry_run:  # the lineage record needs the inputs' digests: hash them while torch loads and the plan is made
@@ -47,7 +70,7 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
 
         if not torch.cuda.is_available():
             raise InputError("--device cuda was asked for but no CUDA GPU is available", fix="use --device cpu")
-    plan = build_plan(parsed)
+    plan = build_plan(parsed, strict=strict)
     if dry_run:
         from mtool.merger.describe import describe_plan
 

@@ -15,7 +15,7 @@ def tensor_working_bytes(plan: MergePlan, tensor: TensorPlan) -> int:
     parts queued for the writer, plus what the method's statistics pass holds (``prepare_scratch``). Read whole:
     every input in its storage dtype and in the compute dtype, about three tensors of scratch, and the output."""
     count = tensor.numel
-    compute = plan.compute_dtype.itemsize
+    compute = tensor.compute_dtype.itemsize
     inputs = len(tensor.sources)
     out = tensor.out_dtype.itemsize
     if streams(plan, tensor) and not (tensor.vocabulary and plan.vocabulary is not None):
@@ -24,7 +24,7 @@ def tensor_working_bytes(plan: MergePlan, tensor: TensorPlan) -> int:
         if plan.method.prepare is not None:
             working += plan.method.prepare_scratch(count, inputs, compute)
         return working
-    storage = sum(s.model.checkpoint.info(s.tensor).dtype.itemsize for s in tensor.sources)
+    storage = sum(s.model.dtype(s.tensor).itemsize for s in tensor.sources)
     return count * (storage + compute * (inputs + 3) + out)
 
 
@@ -36,12 +36,25 @@ def estimate_peak_bytes(plan: MergePlan) -> int:
     return max(tensor_working_bytes(plan, t) for t in plan.tensors) + MERGE_LIMITS.lookahead_bytes
 
 
+RANDOM_NOTE = ("random draws: mtool's own, seeded by --seed and the tensor's name (the same output whatever the "
+               "order, device or chunking); mergekit draws from torch's global generator in its execution order, so "
+               "the two tools keep different random entries, with the same probabilities")
+
+
 def describe_plan(plan: MergePlan) -> str:
-    """The plan as text for ``--dry-run``: outputs grouped by layer, their sources and parameters."""
+    """The plan as text for ``--dry-run``: outputs grouped by module and layer, their sources and parameters."""
+    computes = sorted({dtype_label(t.compute_dtype) for t in plan.tensors})
+    math = "float32 math" if plan.settings.math == "float32" else "as mergekit"
     lines = [f"merge method: {plan.method.name}; {len(plan.tensors)} output tensors, {plan.num_layers} layers; "
-             f"compute {dtype_label(plan.compute_dtype)}"]
-    for layer, tensors in plan.by_layer().items():
-        lines.append(f"\n{'embeddings / head / final norm' if layer is None else f'layer {layer}'}:")
+             f"compute {'/'.join(computes) or '-'} ({math})"]
+    differences = plan.settings.differences()
+    if differences:
+        lines.append("mtool settings (differ from mergekit): " + ", ".join(f"{k}={v}" for k, v in differences.items()))
+    if plan.method.random:
+        lines.append(RANDOM_NOTE)
+    for (module, layer), tensors in plan.by_layer().items():
+        where = "embeddings / head / norms" if layer is None else f"layer {layer}"
+        lines.append(f"\n{module + ' ' if len(plan.module_layers) > 1 else ''}{where}:")
         for tensor in tensors:
             sources = ", ".join(f"{s.model.label}:{s.tensor}" for s in tensor.sources)
             params = dict(tensor.params)
@@ -55,6 +68,8 @@ def describe_plan(plan: MergePlan) -> str:
     total = sum(t.numel * t.out_dtype.itemsize for t in plan.tensors)
     lines.append(f"\noutput size {total / 1e9:.3f} GB; estimated peak working memory (beyond Python and torch) "
                  f"{estimate_peak_bytes(plan) / 2**20:.0f} MiB")
+    if plan.diagnostics.messages:
+        lines.append("warnings:\n" + "\n".join(f"  {message}" for message in plan.diagnostics.messages))
     return "\n".join(lines)
 
 

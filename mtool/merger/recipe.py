@@ -1,22 +1,37 @@
 """Merge recipes: mergekit's YAML, validated into typed objects, with errors that name the line.
 
-A recipe names a ``merge_method`` and its inputs either as ``models`` (whole models) or as ``slices`` (each a
-list of ``sources`` with a ``layer_range [start, end)``), plus an optional ``base_model``, ``parameters``
-(global; also per model / per source / per slice), ``dtype`` (the precision inputs are read at),
-``out_dtype``, ``tokenizer_source`` / ``tokenizer``, and ``chat_template``.
+A recipe names a ``merge_method`` and its inputs as ``models`` (whole models), ``slices`` (each a list of
+``sources`` with a ``layer_range [start, end)``) or ``modules`` (per module of a multi-module model such as a
+vision-language model: ``models`` or ``slices`` and ``parameters``), plus an optional ``base_model``,
+``parameters`` (global; also per model / per source / per slice / per module), ``dtype`` (the precision inputs
+are read at), ``out_dtype``, ``tokenizer_source`` / ``tokenizer``, and ``chat_template``.
 
 Model references are strings ``path_or_hub_id[@revision][+adapter_path_or_hub_id]``: ``+`` applies a LoRA
 adapter to the model on the fly.
+
+mergekit reads recipes leniently: keys it does not know are ignored. So does mtool, with a warning naming each
+one (an error with ``--strict``): :func:`parse_recipe` records them in :attr:`Recipe.ignored_keys`. The one
+block mergekit does not know and mtool reads is ``mtool:`` (:class:`MtoolSettings`): the settings where mtool
+computes differently from mergekit, each off by default.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from mtool.errors import ConfigError
 
@@ -111,23 +126,90 @@ class OutputSlice(_Strict):
         return self
 
 
-class TokenSource(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ZeroToken(_Strict):
+    """A token row of zeros: ``{kind: zero}``."""
 
-    source: Union[str, dict, None] = None  # a model reference, or {kind: zero}
+    kind: Literal["zero"]
+
+
+class ModelToken(_Strict):
+    """Another token's row in one model: ``{kind: model_token, model: M, token_id: 3}`` (or ``token: "<s>"``)."""
+
+    kind: Literal["model_token"]
+    model: ModelReference
+    token_id: int | None = None
+    token: str | None = None
+
+    _parse_model = field_validator("model", mode="before")(lambda cls, v: _reference(v))
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "ModelToken":
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source needs exactly one of `token_id` and `token`")
+        return self
+
+
+class TokenSource(_Strict):
+    """Where one output token's embedding row comes from (``tokenizer.tokens``): a model's row for the same
+    token, zeros, or another token's row; ``force`` replaces the row in every model, not only where missing."""
+
+    source: Union[ZeroToken, ModelToken, ModelReference, None] = None
     force: bool = False
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _parse_source(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "kind" in value:
+            return value
+        return None if value is None else _reference(value)
 
 
 class TokenizerSettings(_Strict):
-    source: str | None = None  # "base", "union" or a model reference
+    source: str = "union"  # "base", "union" or a model reference (mergekit's default is the union)
     tokens: dict[str, TokenSource] | None = None
     pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+
+class ModuleDefinition(_Strict):
+    """One module of a ``modules:`` recipe: its ``models`` or ``slices``, and its ``parameters``."""
+
+    models: list[ModelEntry] | None = None
+    slices: list[OutputSlice] | None = None
+    parameters: dict[str, ParameterSetting] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "ModuleDefinition":
+        if bool(self.models) == bool(self.slices):
+            raise ValueError("a module needs either `models:` or `slices:` (exactly one of them)")
+        return self
+
+
+class MtoolSettings(_Strict):
+    """``mtool:``: where mtool computes differently from mergekit 0.1.5, each off by default (so a recipe
+    without the block gives mergekit's tensors). mergekit ignores the block."""
+
+    math: Literal["mergekit", "float32"] = Field(
+        "mergekit", description="mergekit: each method computes in the dtype mergekit uses (bfloat16 task "
+        "vectors for bfloat16 models, rounded weights included); float32: every method in float32 (float64 for "
+        "float64 inputs), rounded once to the output dtype")
+    post_layer_t: Literal[0, 1] = Field(
+        0, description="where gradients are evaluated for the tensors after the layers (final norm, lm_head): "
+        "0 (mergekit: the start of the gradient, with the last slice's settings) or 1 (the top of the stack)")
+    vocabulary_fill: Literal["mergekit", "base"] = Field(
+        "mergekit", description="with tokenizer_source: how a model's row for a token it lacks is filled. "
+        "mergekit: the only model that has the token, else the base's row, else the mean over the models that "
+        "have it; base: the base's row for the token, else that model's mean row")
+
+    def differences(self) -> dict[str, Any]:
+        """The settings that differ from mergekit's behaviour (for the lineage record and --dry-run)."""
+        return self.model_dump(exclude_defaults=True)
 
 
 class Recipe(_Strict):
     merge_method: str
     models: list[ModelEntry] | None = None
     slices: list[OutputSlice] | None = None
+    modules: dict[str, ModuleDefinition] | None = None
     base_model: ModelReference | None = None
     parameters: dict[str, ParameterSetting] | None = None
     dtype: str | None = None
@@ -135,42 +217,95 @@ class Recipe(_Strict):
     tokenizer_source: str | None = None
     tokenizer: TokenizerSettings | None = None
     chat_template: str | None = None
-    name: str | None = None  # mergekit accepts and ignores a recipe name
-    modules: dict[str, Any] | None = None
+    name: str | None = None  # a stage's name in a multi-stage recipe; mergekit ignores it elsewhere
+    mtool: MtoolSettings = Field(default_factory=MtoolSettings)
+
+    _ignored: list[str] = PrivateAttr(default_factory=list)
 
     _parse_base = field_validator("base_model", mode="before")(lambda cls, v: None if v is None else _reference(v))
 
     @model_validator(mode="after")
     def _one_input_form(self) -> "Recipe":
-        if self.modules:
-            raise ValueError("`modules:` (multi-module architectures) is not supported; use `models:` or `slices:`")
-        if bool(self.models) == bool(self.slices):
-            raise ValueError("give either `models:` or `slices:` (exactly one of them)")
+        if sum(bool(form) for form in (self.models, self.slices, self.modules)) != 1:
+            raise ValueError("give exactly one of `models:`, `slices:` and `modules:`")
         if self.tokenizer is not None and self.tokenizer_source is not None:
             raise ValueError("give either `tokenizer_source:` or a `tokenizer:` block, not both")
         return self
 
     @property
+    def ignored_keys(self) -> list[str]:
+        """Keys of the recipe file that mergekit and mtool do not read (``slices[0].foo``)."""
+        return list(self._ignored)
+
+    @property
     def tokenizer_choice(self) -> str | None:
         return self.tokenizer.source if self.tokenizer else self.tokenizer_source
+
+    def input_groups(self) -> list[tuple[str, list[ModelEntry] | None, list[OutputSlice] | None]]:
+        """``(module name or "", models, slices)`` of every input form the recipe uses."""
+        if self.modules:
+            return [(name, module.models, module.slices) for name, module in self.modules.items()]
+        return [("", self.models, self.slices)]
 
     def referenced_models(self) -> list[ModelReference]:
         """Every distinct model the recipe reads, in order of first mention (the base first)."""
         seen: dict[ModelReference, None] = {}
         if self.base_model:
             seen[self.base_model] = None
-        for entry in self.models or []:
-            seen[entry.model] = None
-        for output_slice in self.slices or []:
-            if output_slice.base_model:
-                seen[output_slice.base_model] = None
-            for source in output_slice.sources:
-                seen[source.model] = None
+        for _, models, slices in self.input_groups():
+            for entry in models or []:
+                seen[entry.model] = None
+            for output_slice in slices or []:
+                if output_slice.base_model:
+                    seen[output_slice.base_model] = None
+                for source in output_slice.sources:
+                    seen[source.model] = None
         return list(seen)
 
     def canonical(self) -> dict[str, Any]:
         """The recipe as plain data, without unset keys (for the lineage record and the card)."""
-        return self.model_dump(mode="json", exclude_none=True)
+        data = self.model_dump(mode="json", exclude_none=True)
+        differences = self.mtool.differences()
+        if differences:
+            data["mtool"] = differences
+        else:
+            data.pop("mtool", None)
+        return data
+
+
+# The keys each part of a recipe may have, and the parts below it (for finding the keys mergekit ignores).
+_CHILDREN: dict[type[BaseModel], dict[str, tuple[str, type[BaseModel]]]] = {
+    Recipe: {"models": ("list", ModelEntry), "slices": ("list", OutputSlice), "modules": ("dict", ModuleDefinition),
+             "tokenizer": ("one", TokenizerSettings)},
+    ModuleDefinition: {"models": ("list", ModelEntry), "slices": ("list", OutputSlice)},
+    OutputSlice: {"sources": ("list", InputSlice)},
+    TokenizerSettings: {"tokens": ("dict", TokenSource)},
+}
+
+
+def _drop_ignored_keys(data: Any, model: type[BaseModel], path: str, ignored: list[str]) -> Any:
+    """``data`` without the keys ``model`` does not have (their paths appended to ``ignored``), recursively."""
+    if not isinstance(data, dict):
+        return data
+    known = set(model.model_fields)
+    kept = {}
+    for key, value in data.items():
+        if key not in known:
+            ignored.append(f"{path}{key}" if path else str(key))
+            continue
+        child = _CHILDREN.get(model, {}).get(key)
+        if child is not None and value is not None:
+            form, child_model = child
+            if form == "list" and isinstance(value, list):
+                value = [_drop_ignored_keys(item, child_model, f"{path}{key}[{i}].", ignored)
+                         for i, item in enumerate(value)]
+            elif form == "dict" and isinstance(value, dict):
+                value = {name: _drop_ignored_keys(item, child_model, f"{path}{key}.{name}.", ignored)
+                         for name, item in value.items()}
+            elif form == "one":
+                value = _drop_ignored_keys(value, child_model, f"{path}{key}.", ignored)
+        kept[key] = value
+    return kept
 
 
 def local_weight_files(recipe: Recipe) -> list[Path]:
@@ -229,8 +364,12 @@ def parse_recipe(text: str, *, source: str = "recipe") -> Recipe:
         raise ConfigError(f"malformed YAML: {error}", where=source) from None
     if not isinstance(data, dict):
         raise ConfigError("a recipe must be a YAML mapping with at least `merge_method`", where=source)
+    ignored: list[str] = []
+    data = _drop_ignored_keys(data, Recipe, "", ignored)
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
+        recipe._ignored = ignored
+        return recipe
     except ValidationError as error:
         first = error.errors()[0]
         location = tuple(first["loc"])

@@ -2,12 +2,14 @@
 
 For each planned output tensor, in plan order, the workers read every input (a streamed tensor's plain inputs
 stay on disk and are read chunk by chunk; the others are read now, with a ``+adapter`` LoRA applied and rows
-aligned to the output vocabulary), and the calling thread merges: rounds to the recipe's ``dtype``, upcasts to
-the compute dtype, runs the method, refuses NaN/Inf and casts to the output dtype.
+aligned to the output vocabulary), and the calling thread merges: rounds to the recipe's ``dtype``, converts to
+the tensor's compute dtype (:mod:`mtool.merger.precision`), runs the method, refuses NaN/Inf and casts to the
+output dtype.
 
 Random methods get one generator per tensor, seeded from ``sha256(f"{seed}:{tensor name}")``
 (:func:`mtool.seeding.tensor_seed`), so the bytes of the output do not depend on the order tensors are computed
-in, nor on the device.
+in, nor on the device. mergekit draws from torch's global generator in its own execution order instead, so the
+two tools keep different random entries (with the same probabilities).
 """
 
 from __future__ import annotations
@@ -17,17 +19,17 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtool import ui
-from mtool.io.dtypes import dtype_label
 from mtool.io.folders import atomic_output_dir, copy_support_files, set_config_dtype, write_json
 from mtool.io.hashing import FileHasher
 from mtool.io.writing import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec
 from mtool.lineage import Lineage, ParentInput, describe_parents_in_background
 from mtool.merger.chunks import ChunkedTensor, ElementSource, InMemory, OnDisk
+from mtool.merger.layout import LM_HEAD
 from mtool.merger.methods.base import MergeTask
 from mtool.merger.plan import MergePlan, TensorPlan
 from mtool.naming.finish import finish_output
@@ -47,17 +49,18 @@ class MergeOptions:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     force: bool = False
     write_card: bool = True
+    record_extras: dict = field(default_factory=dict)  # more parameters for the lineage record (a run's stages)
+    parent_names: dict[str, str] = field(default_factory=dict)  # parent folder -> the id the record gives it
 
 
 def input_bytes(tensor: TensorPlan) -> int:
     """Bytes the inputs of ``tensor`` occupy once read (in their storage dtype)."""
-    return sum(tensor.numel * source.model.checkpoint.info(source.tensor).dtype.itemsize for source in tensor.sources)
+    return sum(tensor.numel * source.model.dtype(source.tensor).itemsize for source in tensor.sources)
 
 
 def streams(plan: MergePlan, tensor: TensorPlan) -> bool:
     """Whether ``tensor`` is merged chunk by chunk (its inputs then need not be read whole)."""
-    pinned = tensor.vocabulary and plan.vocabulary is not None and bool(plan.vocabulary.pinned)
-    return plan.method.streams and not pinned
+    return plan.method.streams
 
 
 def read_inputs(plan: MergePlan, tensor: TensorPlan) -> list[ElementSource]:
@@ -66,25 +69,29 @@ def read_inputs(plan: MergePlan, tensor: TensorPlan) -> list[ElementSource]:
     from mtool.merger.tokenizer import align_rows, base_rows_for
 
     aligning = tensor.vocabulary and plan.vocabulary is not None
-    if streams(plan, tensor) and not aligning and all(s.model.adapter is None for s in tensor.sources):
-        return [OnDisk(s.model.checkpoint.info(s.tensor)) for s in tensor.sources]
+    stored = [s.model.stored_name(s.tensor) for s in tensor.sources]
+    if streams(plan, tensor) and not aligning and all(s.model.adapter is None for s in tensor.sources) \
+            and all(stored):
+        return [OnDisk(s.model.checkpoint.info(name)) for s, name in zip(tensor.sources, stored)]
     values = []
     for source in tensor.sources:
-        value = source.model.checkpoint.read(source.tensor)
-        if source.model.adapter is not None:
-            value = source.model.adapter.apply(source.tensor, value)
+        value = source.model.read(source.tensor)
+        if source.model.adapter is not None and source.model.stored_name(source.tensor):
+            applied = source.model.adapter.apply(source.model.stored_name(source.tensor), value)
+            value = applied if plan.settings.math == "float32" else applied.to(value.dtype)
         if plan.read_dtype is not None and value.dtype != plan.read_dtype:
             value = value.to(plan.read_dtype)
         values.append(value)
     if aligning:
         base_rows = None
         base_model = plan.models.get(plan.base_reference) if plan.base_reference else None
-        if base_model is not None and base_model.resolve_tensor(tensor.name):
+        if plan.settings.vocabulary_fill == "base" and base_model is not None and \
+                base_model.resolve_tensor(tensor.name):
             base_weight = next((v for s, v in zip(tensor.sources, values) if s.model is base_model), None)
             if base_weight is None:
-                base_weight = base_model.checkpoint.read(base_model.resolve_tensor(tensor.name))
+                base_weight = base_model.read(base_model.resolve_tensor(tensor.name))
             base_rows = base_rows_for(plan.vocabulary, base_weight, base_model.reference)
-        values = align_rows(plan.vocabulary, tensor, values, base_rows)
+        values = align_rows(plan, tensor, values, base_rows)
     return [InMemory(value) for value in values]
 
 
@@ -109,54 +116,60 @@ def merge_tensor(plan: MergePlan, tensor: TensorPlan, inputs: list[ElementSource
     if streams(plan, tensor):
         chunked = ChunkedTensor(name=tensor.name, inputs=inputs, model_params=tensor.model_params,
                                 params=tensor.params, base_index=tensor.base_index,
-                                compute_dtype=plan.compute_dtype, seed=per_tensor_seed, device=device,
+                                compute_dtype=tensor.compute_dtype, seed=per_tensor_seed, device=device,
                                 read_dtype=plan.read_dtype)
         prepared = method.prepare(chunked) if method.prepare is not None else None
         for start in chunked.starts():
             merged = method.map_chunk(chunked.task(start), prepared)
             yield start, _checked(tensor, merged).reshape(-1).to("cpu").to(tensor.out_dtype)
         return
-    values = [source.elements(0, source.numel()).reshape(tensor.shape).to(device=device, dtype=plan.compute_dtype)
+    values = [source.elements(0, source.numel()).reshape(tensor.shape).to(device=device, dtype=tensor.compute_dtype)
               for source in inputs]
     generator = None if per_tensor_seed is None else torch.Generator().manual_seed(per_tensor_seed)
     result = method.merge(MergeTask(name=tensor.name, inputs=values, model_params=tensor.model_params,
                                     params=tensor.params, base_index=tensor.base_index, generator=generator,
                                     seed=per_tensor_seed))
     result = _checked(tensor, result).to("cpu").to(tensor.out_dtype)
-    if plan.vocabulary is not None and tensor.vocabulary and plan.vocabulary.pinned:
-        from mtool.merger.tokenizer import apply_pins
-
-        aligned = {s.model.reference: v for s, v in zip(tensor.sources, values)}
-        result = apply_pins(plan.vocabulary, tensor, result, aligned)
     yield 0, result.reshape(-1)
 
 
-def output_config(plan: MergePlan) -> dict:
-    """The output's config.json: the config model's, with the layer count, tying, vocabulary and dtype the
-    merge produced."""
-    config = dict(plan.config_model.config)
-    if "num_hidden_layers" in config or plan.num_layers:
-        config["num_hidden_layers"] = plan.num_layers
-    names = {t.name for t in plan.tensors}
-    if "lm_head.weight" in names and config.get("tie_word_embeddings"):
-        config["tie_word_embeddings"] = False
+def output_config(plan: MergePlan) -> tuple[dict, list[str]]:
+    """The output's config.json as mergekit writes it (the base model's config, else the first model's, with the
+    language tower's layer count, the recipe's ``out_dtype`` or ``dtype``, and the merged vocabulary's size),
+    and the repairs mtool makes where that config would contradict the merged weights (each also a warning)."""
+    config = json.loads(json.dumps(plan.config_model.config))
+    text = config["text_config"] if isinstance(config.get("text_config"), dict) else config
+    layers_key = next((key for key in ("num_hidden_layers", "n_layer", "num_layers") if key in text), None)
+    if layers_key is not None:
+        text[layers_key] = plan.num_layers
+    dtype = plan.out_dtype or plan.read_dtype
+    if dtype is not None:
+        set_config_dtype(config, dtype)
     if plan.vocabulary is not None:
-        config["vocab_size"] = plan.vocabulary.size
-    dtypes = {t.out_dtype for t in plan.tensors if t.out_dtype.is_floating_point}
-    if len(dtypes) == 1:
-        set_config_dtype(config, next(iter(dtypes)))
-    if "layer_types" in config and isinstance(config["layer_types"], list):
-        layer_types = config["layer_types"]
-        config["layer_types"] = (layer_types * (plan.num_layers // max(1, len(layer_types)) + 1))[:plan.num_layers]
-    return config
+        text["vocab_size"] = plan.vocabulary.size
+    repairs = []
+    names = {t.name for t in plan.tensors}
+    if LM_HEAD in names and text.get("tie_word_embeddings") is True:
+        text["tie_word_embeddings"] = False
+        repairs.append("tie_word_embeddings: false (the merge writes lm_head.weight, which a tied model would "
+                       "replace with the input embedding)")
+    layer_types = text.get("layer_types")
+    if isinstance(layer_types, list) and layer_types and len(layer_types) != plan.num_layers:
+        text["layer_types"] = (layer_types * (plan.num_layers // len(layer_types) + 1))[:plan.num_layers]
+        repairs.append(f"layer_types: {len(layer_types)} entries -> {plan.num_layers}, the pattern repeated (one per "
+                       "output layer; transformers refuses a list of another length)")
+    return config, repairs
 
 
-def _write_support_files(plan: MergePlan, folder: Path) -> None:
-    write_json(folder / "config.json", output_config(plan))
+def _write_support_files(plan: MergePlan, folder: Path) -> list[str]:
+    config, repairs = output_config(plan)
+    for repair in repairs:
+        plan.diagnostics.note(f"config.json: {repair}; mergekit leaves the config as it is")
+    write_json(folder / "config.json", config)
     generation = plan.config_model.checkpoint.folder / "generation_config.json"
     if generation.is_file():
         shutil.copyfile(generation, folder / "generation_config.json")
-    if plan.vocabulary is not None and plan.vocabulary.added_tokens:
+    if plan.vocabulary is not None:
         from mtool.merger.tokenizer import write_tokenizer
 
         write_tokenizer(plan, folder)
@@ -169,6 +182,7 @@ def _write_support_files(plan: MergePlan, folder: Path) -> None:
             data = json.loads(tokenizer_config.read_text(encoding="utf-8"))
             data.pop("chat_template", None)
             write_json(tokenizer_config, data)
+    return repairs
 
 
 def _parents(plan: MergePlan) -> list[ParentInput]:
@@ -200,18 +214,23 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions, *
         with CheckpointWriter(staging, specs, max_shard_bytes=options.max_shard_bytes, in_order=True,
                               metadata={"mtool_merge_method": plan.method.name}) as writer:
             stream_tensors(stream, writer, limits=MERGE_LIMITS, description=f"merge ({plan.method.name})")
-        _write_support_files(plan, staging)
+        repairs = _write_support_files(plan, staging)
         record = Lineage(
             operation="merge",
             method=plan.method.name,
             parents=parents.result(),
             recipe=plan.recipe.canonical(),
             parameters={"dtype": plan.recipe.dtype, "out_dtype": plan.recipe.out_dtype,
-                        "compute_dtype": dtype_label(plan.compute_dtype),
-                        "num_hidden_layers": plan.num_layers},
+                        "math": plan.settings.math, "num_hidden_layers": plan.num_layers,
+                        **({"mtool_settings": plan.settings.differences()} if plan.settings.differences() else {}),
+                        **({"config_repairs": repairs} if repairs else {}),
+                        **({"warnings": list(plan.diagnostics.messages)} if plan.diagnostics.messages else {}),
+                        **options.record_extras},
             seed=options.seed if plan.method.random else None,
             parameter_count=sum(spec.numel for spec in specs),
         )
+        for parent in record.parents:
+            parent.id = options.parent_names.get(parent.path or "", parent.id)
         finish_output(staging, record, hasher=hasher, digests=writer.digests, card=options.write_card)
     total_bytes = sum(spec.nbytes for spec in specs)
     elapsed = time.perf_counter() - started

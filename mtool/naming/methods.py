@@ -71,6 +71,10 @@ METHODS: tuple[Method, ...] = (
     Method("NearSwap", "merge", "interpolation toward the base where models are near", ("nearswap",)),
     Method("MagPrune", "merge", "magnitude-pruned sum", ("magprune", "magnitude_prune"), ("magnitude_prune_svd",)),
     Method("Passthrough", "merge", "layer stacking (passthrough)", ("passthrough", "frankenmerge")),
+    Method("ArceeFusion", "merge", "important changes of one model fused into the base", ("arcee_fusion",
+                                                                                        "arceefusion")),
+    Method("RAM", "merge", "reinforced agent merging: unique changes kept, shared ones averaged", ("ram",)),
+    Method("RAMPlus", "merge", "RAM with unique changes boosted per tensor", ("ramplus_tl", "ramplus")),
     Method("MoE", "merge", "mixture of experts assembled from dense models", ("moe",), ("mergekit_moe",)),
     # adapter operations
     Method("Extract", "adapter", "low-rank adapter extracted from a fine-tune", ("extract",), ("extracted",)),

@@ -18,6 +18,7 @@ casts them to the compute dtype and calls ``method.merge(task)``.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Union
@@ -52,7 +53,12 @@ class BasePolicy(enum.Enum):
 
 @dataclass(frozen=True)
 class ParameterSpec:
-    """A method parameter as spelled in mergekit recipes."""
+    """A method parameter as spelled in mergekit recipes.
+
+    Values are read as mergekit reads them (pydantic's lax conversion to ``kind``: ``"1e-3"`` is 0.001, ``5.0``
+    a valid int, ``"yes"`` true); ``optional`` also allows None. ``minimum`` / ``maximum`` are the range where the
+    parameter means something: mergekit accepts values outside it and so does mtool, with a warning (an error
+    with ``--strict``)."""
 
     name: str
     kind: type  # float, int or bool
@@ -61,40 +67,41 @@ class ParameterSpec:
     minimum: float | None = None
     maximum: float | None = None
     help: str = ""
+    optional: bool = False
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
     def validate(self, value: object, *, where: str) -> ParameterValue:
-        """Coerce ``value`` to the parameter's kind and check its range (ConfigError naming ``where``)."""
-        if value is None and self.default is None:
+        """``value`` as the parameter's kind (ConfigError naming ``where`` when it is not one)."""
+        if value is None and self.optional:
             return None
-        if self.kind is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            if isinstance(value, (int, float)) and value in (0, 1):
-                return bool(value)
-            raise ConfigError(f"parameter {self.name!r} must be true or false, got {value!r}", where=where)
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"parameter {self.name!r} must be a number, got {value!r}", where=where)
         try:
-            number = float(value)
+            result = _adapter(self.kind).validate_python(value)
         except ValueError:
-            raise ConfigError(f"parameter {self.name!r} must be a number, got {value!r}", where=where) from None
-        if number != number:
+            kind = {bool: "true or false", int: "a whole number"}.get(self.kind, "a number")
+            raise ConfigError(f"parameter {self.name!r} must be {kind}, got {value!r}", where=where) from None
+        if isinstance(result, float) and result != result:
             raise ConfigError(f"parameter {self.name!r} is NaN", where=where)
-        if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
+        return result
+
+    def outside_range(self, value: ParameterValue) -> str | None:
+        """A description of the meaningful range when ``value`` lies outside it, else None."""
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return None
+        if (self.minimum is not None and value < self.minimum) or (self.maximum is not None and value > self.maximum):
             low = "-inf" if self.minimum is None else f"{self.minimum:g}"
             high = "inf" if self.maximum is None else f"{self.maximum:g}"
-            raise ConfigError(f"parameter {self.name!r} = {number:g} is outside [{low}, {high}]", where=where)
-        if self.kind is int:
-            if number != int(number):
-                raise ConfigError(f"parameter {self.name!r} must be a whole number, got {value!r}", where=where)
-            return int(number)
-        return number
+            return f"[{low}, {high}]"
+        return None
+
+
+@functools.cache
+def _adapter(kind: type):
+    from pydantic import TypeAdapter
+
+    return TypeAdapter(kind)
 
 
 @dataclass(frozen=True)
@@ -246,6 +253,11 @@ class MergeMethod:
       the chunks (for the executor's memory estimate). Such a method needs no ``function``: :meth:`merge` of a
       whole tensor runs the same two steps on one chunk;
     * otherwise ``function`` sees whole tensors.
+
+    Precision follows mergekit 0.1.5: the inputs arrive in the tensor's working dtype (the recipe's ``dtype``,
+    else the inputs' common dtype) and the method computes in it, step by step, as mergekit does; methods marked
+    ``internal_float32`` (linear, SLERP) get float32 inputs instead (float64 stays float64) and their result is
+    rounded to the working dtype. With ``mtool: {math: float32}`` every method gets float32 inputs.
     """
 
     name: str
@@ -258,6 +270,8 @@ class MergeMethod:
     max_non_base: int | None = None
     random: bool = False
     elementwise: bool = False
+    internal_float32: bool = False  # computes in float32 (float64 for float64 inputs) whatever the inputs' dtype
+    result_float32: bool = False  # its result is float32 for 16-bit inputs (mergekit writes it so)
     prepare: Callable[[TensorChunks], object] | None = None
     finish: Callable[[MergeTask, object], "torch.Tensor"] | None = None
     prepare_scratch: Callable[[int, int, int], int] = no_scratch

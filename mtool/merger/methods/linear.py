@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope
 
 
 def linear(tensors: list[torch.Tensor], weights: list[float], *, normalize: bool = True) -> torch.Tensor:
-    """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize`` (folded into the weights: one pass less).
+    """``sum_i w_i x_i``, divided by ``sum_i w_i`` when ``normalize``: accumulated one fused multiply-add per input
+    into float32 (float64 for float64 inputs: the executor hands this method such inputs), as mergekit does.
     Weights that sum to 0 give non-finite values, which the caller reports."""
+    coefficients = torch.tensor(weights, dtype=tensors[0].dtype, device=tensors[0].device)
+    result = tensors[0] * coefficients[0]
+    for tensor, coefficient in zip(tensors[1:], coefficients[1:]):
+        result.addcmul_(tensor, coefficient)
     if normalize:
-        total = sum(weights)
-        weights = [weight / total if total else math.inf for weight in weights]
-    result = tensors[0] * weights[0]
-    for tensor, weight in zip(tensors[1:], weights[1:]):
-        result.add_(tensor, alpha=weight)
+        result.div_(coefficients.sum())
     return result
 
 
@@ -33,7 +32,7 @@ LINEAR = MergeMethod(
         ParameterSpec("weight", float, Scope.INPUT, help="weight of this model"),
         ParameterSpec("normalize", bool, Scope.SHARED, True, help="divide by the sum of the weights"),
     ),
-    elementwise=True,
+    elementwise=True, internal_float32=True,
     description="weighted average of the models",
     reference="https://arxiv.org/abs/2203.05482",
 )
@@ -43,13 +42,14 @@ def passthrough_merge(task: MergeTask) -> torch.Tensor:
     """The single input, times ``scale`` when one is given."""
     scale = task.model_params[0].get("scale")
     tensor = task.inputs[0]
-    return tensor.clone() if scale is None else tensor * float(scale)
+    return tensor.clone() if scale is None else tensor * scale
 
 
 PASSTHROUGH = MergeMethod(
     name="passthrough",
     function=passthrough_merge,
-    parameters=(ParameterSpec("scale", float, Scope.INPUT, None, help="optional factor applied to the tensor"),),
+    parameters=(ParameterSpec("scale", float, Scope.INPUT, None, help="optional factor applied to the tensor",
+                                          optional=True),),
     max_inputs=1, elementwise=True,
     description="copy tensors from one model per slice (layer stacking, 'frankenmerges')",
 )
@@ -57,8 +57,9 @@ PASSTHROUGH = MergeMethod(
 
 def nearswap(base: torch.Tensor, other: torch.Tensor, t: float) -> torch.Tensor:
     """Take the other model's value where it is close to the base's:
-    ``w = clamp(t / max(|base - other|, 1e-6), 0, 1)``, ``result = w * other + (1 - w) * base``."""
-    weight = (t / (base - other).abs().clamp(min=1e-6)).clamp(0, 1)
+    ``w = clamp(t / max(|base - other|, 1e-6), 0, 1)``, ``result = w * other + (1 - w) * base`` (in the inputs'
+    dtype)."""
+    weight = (t / torch.abs(base - other).clamp(min=1e-6)).clamp(min=0, max=1)
     return weight * other + (1 - weight) * base
 
 

@@ -1,10 +1,16 @@
-"""Sparsification of task vectors (deltas from the base): which entries of a delta survive.
+"""Sparsification of task vectors (deltas from the base), as mergekit 0.1.5 does it: which entries survive.
 
-Each whole-tensor function returns the sparsified delta ``delta * mask``, optionally rescaled so its L1 norm
-matches the original (``rescale``):  ``out = (delta * mask) * ||delta||_1 / ||delta * mask||_1`` (unchanged when
-either norm is below 1e-7). Random masks draw only from the generator they are given. (TIES' magnitude top-k and
-DARE's Bernoulli masks are applied chunk by chunk in ``task_arithmetic.py``, with :func:`kth_largest` and
-:func:`position_keep_mask`.)
+* magnitude (TIES): the ``k = max(1, floor(density n))`` largest ``|delta|``, with the tie order of torch's
+  sort (:mod:`~mtool.merger.methods.selection`); nothing for ``density <= 0``, everything for ``density >= 1``;
+* magnitude outliers (Model Breadcrumbs): sorting ``|delta|`` ascending, ranks ``[n_bottom, n_bottom + n_keep)``
+  with ``n_keep = floor(density n)`` and ``n_bottom = max(0, n - n_keep - floor(gamma n))``;
+* random (DARE): each entry with probability ``density`` (as mergekit rounds it: to bfloat16 for bfloat16 task
+  vectors, else to float32), from seeded, order-independent draws (:func:`position_keep_mask`);
+* DELLA MagPrune: with probability ``(density - epsilon) + 2 epsilon (rank - 1) / (m - 1)`` by the entry's
+  magnitude rank in its row of ``m`` (computed in the same dtype as mergekit: bfloat16 ranks round above 256).
+
+``rescale`` (DARE and DELLA by default) multiplies the kept entries by ``||delta||_1 / ||kept||_1`` (unchanged when
+either sum is below 1e-7), the ratio computed in the task vector's dtype.
 """
 
 from __future__ import annotations
@@ -15,11 +21,21 @@ import sys
 import numpy as np
 import torch
 
+from mtool.merger.methods.selection import sorted_prefixes
 from mtool.seeding import hashed_seed
 
-_RESCALE_EPS = 1e-7
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+RESCALE_EPS = 1e-7
 RANDOM_BLOCK = 1 << 16  # entries drawn from one generator: randomness is fixed per block of positions
+
+
+def random_work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype mergekit draws and rescales DARE/DELLA masks in on a CPU: bfloat16 stays, others float32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def rounded_probability(density: float, dtype: torch.dtype) -> float:
+    """A keep probability as mergekit hands it to ``torch.bernoulli``: ``density`` rounded to ``dtype``."""
+    return float(torch.tensor(density, dtype=dtype))
 
 
 def position_keep_mask(seed: int, member: int, offset: int, count: int, density: float) -> torch.Tensor:
@@ -58,100 +74,65 @@ def _low_then_high_halves(outputs: np.ndarray) -> np.ndarray:
     return np.stack([outputs & 0xFFFFFFFF, outputs >> 32], axis=1).astype(np.uint32).reshape(-1)
 
 
-def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """``kept * ||delta||_1 / ||kept||_1``: keep the L1 mass of the delta after masking (in place on ``kept``)."""
-    before = delta.abs().sum()
-    after = kept.abs().sum()
-    if before < _RESCALE_EPS or after < _RESCALE_EPS:
-        return kept
-    return kept.mul_(before / after)
+def rescale_factor(before: float, after: float, dtype: torch.dtype) -> torch.Tensor | None:
+    """``before / after`` (L1 norms of a delta and of its kept entries) in ``dtype`` as mergekit computes it
+    (both rounded to ``dtype`` first); None when either is below 1e-7 (no rescale)."""
+    before_t, after_t = torch.tensor(before, dtype=dtype), torch.tensor(after, dtype=dtype)
+    if bool(before_t < RESCALE_EPS) or bool(after_t < RESCALE_EPS):
+        return None
+    return before_t / after_t
 
 
-def _finish(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+def rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """``delta * mask``, times ``||delta||_1 / ||delta * mask||_1`` with ``rescale`` (whole tensors)."""
     kept = delta * mask
-    return rescale_l1(delta, kept) if rescale else kept
-
-
-def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest entry of a 1-D tensor, exactly, in a few linear passes.
-
-    ``torch.kthvalue`` on tens of millions of entries is slow on the CPU. Here a fixed sample of the values
-    brackets the answer in a narrow band ``[low, high]`` (generous margins around the sample quantile);
-    counting the entries above ``high`` and selecting within the band gives the exact k-th largest. When the
-    band misses (practically never), the full selection runs. Counting and banding go part by part, so the
-    temporaries stay small next to ``values``.
-    """
-    n = values.numel()
-    if n <= 1 << 17:
-        return torch.kthvalue(values, n - k + 1).values
-    sample_size = 1 << 16
-    picks = torch.randint(n, (sample_size,), generator=torch.Generator().manual_seed(0)).to(values.device)
-    sample, _ = torch.sort(values[picks])
-    quantile = 1 - k / n
-    margin = 0.02
-    low = sample[max(0, int((quantile - margin) * sample_size))]
-    high = sample[min(sample_size - 1, int((quantile + margin) * sample_size))]
-    above, band_parts = 0, []
-    for part in values.split(1 << 22):  # bounded temporaries: boolean masks of one part at a time
-        count, inside = _count_above_and_band(part, float(low), float(high))
-        above += count
-        band_parts.append(inside)
-    band = torch.cat(band_parts)
-    rank = k - above  # the answer is the rank-th largest inside the band
-    if 1 <= rank <= band.numel():
-        return torch.kthvalue(band, band.numel() - rank + 1).values
-    return torch.kthvalue(values, n - k + 1).values
-
-
-def _count_above_and_band(part: torch.Tensor, low: float, high: float) -> tuple[int, torch.Tensor]:
-    """How many entries exceed ``high``, and the entries in ``[low, high]``. On the CPU with numpy, whose
-    comparisons and boolean selections run 3-20x faster than torch's there."""
-    numpy_can = part.device.type == "cpu" and not part.requires_grad and part.dtype in _NUMPY_FLOATS
-    if not numpy_can:
-        return int((part > high).sum()), part[(part >= low) & (part <= high)]
-    array = part.numpy()
-    return int(np.count_nonzero(array > high)), torch.from_numpy(array[(array >= low) & (array <= high)])
+    if not rescale:
+        return kept
+    factor = rescale_factor(float(delta.abs().sum()), float(kept.abs().sum()), delta.dtype)
+    return kept if factor is None else kept * factor
 
 
 def magnitude_outliers(delta: torch.Tensor, density: float, gamma: float, *, rescale: bool = False) -> torch.Tensor:
-    """Model Breadcrumbs: drop the ``floor(gamma * n)`` largest entries (outliers) and the smallest ones so
-    that ``floor(density * n)`` entries survive.
-
-    Sorting by ``|delta|`` ascending, the survivors are ranks ``[n_bottom, n_bottom + n_keep)`` with
-    ``n_keep = floor(density * n)`` and ``n_bottom = max(0, n - n_keep - floor(gamma * n))``: when density
-    and gamma together exceed 1, fewer outliers are dropped so the density is kept.
-    """
+    """Model Breadcrumbs: drop the ``floor(gamma n)`` largest entries (outliers) and the smallest ones so that
+    ``floor(density n)`` survive (see the module docstring), with torch's sort order among equal magnitudes."""
     if density >= 1:
         return delta
-    n = delta.numel()
-    n_keep = int(density * n)
-    if n_keep <= 0 or n == 0:
-        return torch.zeros_like(delta)
-    n_bottom = max(0, n - n_keep - int(gamma * n))
-    magnitudes = delta.abs().reshape(-1)
-    order = torch.argsort(magnitudes, stable=True)
-    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
-    mask[order[n_bottom:n_bottom + n_keep]] = True
-    return _finish(delta, mask.reshape(delta.shape), rescale)
+    count = delta.numel()
+    keep = int(density * count)
+    top = int(gamma * count)
+    bottom = max(0, count - keep - top)
+    magnitudes = delta.abs().reshape(-1).float().cpu().numpy()
+    order, _ = sorted_prefixes(magnitudes, [bottom, bottom + keep], descending=False, in_place=True)
+    order = order[bottom:bottom + keep]
+    mask = torch.zeros(count, dtype=delta.dtype)
+    mask[torch.from_numpy(order.astype(np.int64))] = 1
+    return rescaled(delta, mask.reshape(delta.shape).to(delta.device), rescale)
+
+
+def della_probabilities(delta: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's keep probability of every entry (rows along the last dimension; a 1-D tensor is one row), in
+    mergekit's dtype: ranks by ``|delta|`` within the row (torch's sort order for equal magnitudes),
+    ``p = (density - epsilon) + (rank - 1) / (m - 1) * 2 * epsilon``."""
+    work = random_work_dtype(delta.dtype)
+    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1, descending=False), dim=1).to(work) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
 
 
 def della_magprune(delta: torch.Tensor, density: float, epsilon: float, *, generator: torch.Generator | None,
                    rescale: bool = False) -> torch.Tensor:
-    """DELLA MagPrune: keep each entry with a probability that grows with its magnitude rank in its row.
-
-    For a row with ranks ``r = 1..m`` by ``|delta|`` (ascending), ``p = (density - epsilon) + 2 * epsilon *
-    (r - 1) / (m - 1)``, so the mean keep rate is ``density``. A 1-D tensor is one row.
-    Needs ``0 < density - epsilon`` and ``density + epsilon < 1``.
-    """
+    """DELLA MagPrune: keep each entry with its :func:`della_probabilities` probability (uniform draws from
+    ``generator`` compared with the probability), then rescale in mergekit's work dtype.
+    Needs ``0 < density - epsilon`` and ``density + epsilon < 1`` (checked when the recipe is planned)."""
     if density >= 1:
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    rows = delta if delta.dim() >= 2 else delta.unsqueeze(0)
-    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(torch.float32)  # 0-based
-    width = rows.shape[1]
-    rank_norm = ranks / (width - 1) if width > 1 else torch.zeros_like(ranks)
-    probabilities = (density - epsilon) + rank_norm * (2 * epsilon)
+    probabilities = della_probabilities(delta, density, epsilon)
     draws = torch.rand(probabilities.shape, generator=generator, dtype=torch.float32)
-    mask = (draws.to(probabilities.device) < probabilities).reshape(delta.shape)
-    return _finish(delta, mask, rescale)
+    work = probabilities.dtype
+    mask = (draws.to(probabilities.device) < probabilities.float()).to(work).reshape(delta.shape)
+    return rescaled(delta.to(work), mask, rescale).to(delta.dtype)

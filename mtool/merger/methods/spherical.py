@@ -2,68 +2,105 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 
 from mtool.errors import ComputeError
-from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope
+from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope, TensorChunks
 
 SLERP_DOT_THRESHOLD = 0.9995
+SLERP_BLOCK = 1 << 20  # norms and dot products are summed per block of this many entries, then over blocks
 
 
-def slerp_statistics(v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """``[|v0|^2, |v1|^2, <v0, v1>]``, returned in float64: the sums SLERP needs, additive over chunks."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    return torch.stack([a @ a, b @ b, a @ b]).double()
+@dataclass(frozen=True)
+class SlerpCoefficients:
+    """The weights of the base (``first``) and of the other model (``second``): 1-element tensors in the
+    compute dtype."""
+
+    first: torch.Tensor
+    second: torch.Tensor
 
 
-def slerp_coefficients(t: float, statistics: torch.Tensor, *, dot_threshold: float = SLERP_DOT_THRESHOLD,
-                       eps: float = 1e-8) -> tuple[float, float]:
-    """The weights of v0 and v1: with ``cos(theta) = <v0, v1> / (|v0| |v1|)`` (a norm below ``eps`` counts as 1),
-    clamped to [-1, 1], ``(sin((1-t) theta), sin(t theta)) / sin(theta)``; ``(1 - t, t)`` when
-    ``|cos(theta)| > dot_threshold`` (near-parallel or antiparallel: plain lerp)."""
-    norm_a, norm_b, dot = math.sqrt(statistics[0]), math.sqrt(statistics[1]), float(statistics[2])
-    norm_a = norm_a if norm_a > eps else 1.0
-    norm_b = norm_b if norm_b > eps else 1.0
-    cos = min(1.0, max(-1.0, dot / (norm_a * norm_b)))
-    if abs(cos) > dot_threshold:
-        return 1 - t, t
-    theta = math.acos(cos)
-    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+def _blocks(vector: torch.Tensor, offset: int):
+    """``vector`` (entries ``offset..``) cut at multiples of ``SLERP_BLOCK``, each block as a ``[1, n]`` row."""
+    start = 0
+    while start < vector.numel():
+        end = min(vector.numel(), (offset + start) // SLERP_BLOCK * SLERP_BLOCK + SLERP_BLOCK - offset)
+        yield vector[start:end].reshape(1, -1)
+        start = end
 
 
-def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, *, dot_threshold: float = SLERP_DOT_THRESHOLD,
-          eps: float = 1e-8) -> torch.Tensor:
-    """Spherical interpolation of two whole tensors, treated as flat vectors:
-    ``c0 * v0 + c1 * v1`` with the coefficients of :func:`slerp_coefficients`. They apply to the unnormalized
-    tensors, so norms interpolate too."""
-    c0, c1 = slerp_coefficients(t, slerp_statistics(v0, v1), dot_threshold=dot_threshold, eps=eps)
-    return torch.add(v0 * c0, v1, alpha=c1)
+def slerp_coefficients(t: float, norm_parts: tuple[list, list], dot_parts_of, *,
+                       dot_threshold: float = SLERP_DOT_THRESHOLD, eps: float = 1e-8) -> SlerpCoefficients:
+    """SLERP's weights, computed as mergekit computes them (float32, float64 for float64 inputs): the norms
+    ``|v0|``, ``|v1|`` are the norms of the per-block norms (a norm at or below ``eps`` counts as 1); ``cos =
+    sum over blocks of <v0/|v0|, v1/|v1|>`` clamped to [-1, 1] (``dot_parts_of(norm0, norm1)`` gives the blocks'
+    sums); ``(sin((1-t) theta), sin(t theta)) / sin(theta)``, or ``(1 - t, t)`` when ``|cos| > dot_threshold``."""
+    norm_a = torch.linalg.vector_norm(torch.stack(norm_parts[0]), dim=0)
+    norm_b = torch.linalg.vector_norm(torch.stack(norm_parts[1]), dim=0)
+    norm_a = torch.where(norm_a > eps, norm_a, 1)
+    norm_b = torch.where(norm_b > eps, norm_b, 1)
+    dot = torch.stack(dot_parts_of(norm_a, norm_b)).sum(dim=0).clamp(-1, 1)
+    t_tensor = torch.tensor([t], dtype=dot.dtype).reshape(-1, 1)
+    linear = dot.abs() > dot_threshold
+    theta = torch.acos(torch.where(linear, 0, dot))
+    sin_theta = torch.sin(theta)
+    first = torch.where(linear, 1 - t_tensor, torch.sin((1 - t_tensor) * theta) / sin_theta)
+    second = torch.where(linear, t_tensor, torch.sin(t_tensor * theta) / sin_theta)
+    return SlerpCoefficients(first, second)
 
 
 def _slerp_pair(task: MergeTask) -> tuple[torch.Tensor, torch.Tensor]:
     return task.base, task.inputs[1 - task.base_index]
 
 
-def slerp_merge(task: MergeTask) -> torch.Tensor:
-    """SLERP from the base (t = 0) to the other model (t = 1)."""
-    return slerp(float(task.params["t"]), *_slerp_pair(task))
+def slerp_prepare(tensor: TensorChunks) -> SlerpCoefficients:
+    """Two passes over the tensor: the blocks' norms, then the blocks' dot products of the normalized vectors."""
+    other = 1 - tensor.base_index
+    norms: tuple[list, list] = ([], [])
+    for chunk in tensor.chunks():
+        pairs = zip(_blocks(chunk.input(tensor.base_index), chunk.offset), _blocks(chunk.input(other), chunk.offset))
+        for a, b in pairs:
+            norms[0].append(torch.linalg.vector_norm(a, dim=1, keepdim=True))
+            norms[1].append(torch.linalg.vector_norm(b, dim=1, keepdim=True))
+    if not norms[0]:
+        zero = torch.zeros(1, 1, dtype=tensor.compute_dtype)
+        norms = ([zero], [zero])
+
+    def dots(norm_a: torch.Tensor, norm_b: torch.Tensor) -> list:
+        parts = []
+        for chunk in tensor.chunks():
+            for a, b in zip(_blocks(chunk.input(tensor.base_index), chunk.offset),
+                            _blocks(chunk.input(other), chunk.offset)):
+                parts.append(((a / norm_a) * (b / norm_b)).sum(dim=1, keepdim=True))
+        return parts or [torch.zeros(1, 1, dtype=tensor.compute_dtype)]
+
+    return slerp_coefficients(float(tensor.params["t"]), norms, dots)
 
 
-def _slerp_finish(task: MergeTask, statistics: torch.Tensor) -> torch.Tensor:
+def slerp_finish(task: MergeTask, coefficients: SlerpCoefficients) -> torch.Tensor:
+    """One chunk: ``first * v0 + second * v1`` (the base is ``v0``)."""
     v0, v1 = _slerp_pair(task)
-    c0, c1 = slerp_coefficients(float(task.params["t"]), statistics)
-    return torch.add(v0 * c0, v1, alpha=c1)
+    shape = v0.shape
+    return (coefficients.first * v0.reshape(1, -1) + coefficients.second * v1.reshape(1, -1)).reshape(shape)
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two whole tensors, treated as flat vectors (see :func:`slerp_coefficients`; the
+    weights apply to the unnormalized tensors, so norms interpolate too)."""
+    from mtool.merger.methods.base import WholeTensor
+
+    task = MergeTask(name="slerp", inputs=[v0, v1], model_params=[{}, {}], params={"t": t}, base_index=0)
+    return slerp_finish(task, slerp_prepare(WholeTensor(task)))
 
 
 SLERP = MergeMethod(
     name="slerp",
-    function=slerp_merge,
     parameters=(ParameterSpec("t", float, Scope.SHARED, help="0 = base model, 1 = the other model"),),
-    base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
-    prepare=lambda tensor: sum(slerp_statistics(*_slerp_pair(chunk.task())) for chunk in tensor.chunks()),
-    finish=_slerp_finish,
+    base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, internal_float32=True,
+    prepare=slerp_prepare,
+    finish=slerp_finish,
     description="spherical interpolation between the base and one model",
     reference="https://en.wikipedia.org/wiki/Slerp",
 )
@@ -122,13 +159,15 @@ NUSLERP = MergeMethod(
 
 
 def multislerp(tensors: list[torch.Tensor], weights: list[float], base: torch.Tensor | None, *,
-               normalize_weights: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Barycentric interpolation on the hypersphere of several (task-)vectors.
+               normalize_weights: bool = True, eps: float = 1e-8, name: str = "tensor") -> torch.Tensor:
+    """Barycentric interpolation on the hypersphere of several (task-)vectors, in the inputs' dtype.
 
-    ``x_i`` (minus the base, if any) flattened, ``w`` normalized to sum 1 when asked; ``u_i = x_i/(|x_i|+eps)``;
-    ``m = sum w_i u_i / |sum w_i u_i|``; tangent ``t = sum w_i (u_i - <u_i, m> m)``;
-    ``r = m cos|t| + t sin|t|/|t|`` (``|t|`` plus eps); result ``r * sum w_i |x_i|`` (+ base). When the weighted
-    mean of the unit vectors vanishes, two inputs fall back to ``w_0 x_0 + w_1 x_1``; more inputs are an error.
+    ``x_i`` (minus the base, if any) flattened, ``w`` (in that dtype) normalized to sum 1 when asked;
+    ``u_i = x_i/(|x_i|+eps)``; ``m = sum w_i u_i / |sum w_i u_i|``; tangent ``t = sum w_i (u_i - <u_i, m> m)``;
+    ``r = m cos|t| + t sin|t|/|t|`` (``|t|`` plus eps); result ``r * sum w_i |x_i|`` (+ base). One input is returned
+    as it is. When the weighted mean of the unit vectors vanishes, two inputs fall back to ``w_0 x_0 + w_1 x_1``;
+    so do more inputs when every ``x_i`` is zero (a tensor no fine-tune changed: the result is the base); other
+    cases (antipodal inputs whose weights balance out) are an error naming the tensor.
     """
     if len(tensors) == 1:
         return tensors[0]
@@ -144,11 +183,11 @@ def multislerp(tensors: list[torch.Tensor], weights: list[float], base: torch.Te
     mean = (units * w.view(-1, 1)).sum(0)
     mean_norm = torch.linalg.vector_norm(mean)
     if mean_norm < eps:
-        if len(tensors) != 2:
-            raise ComputeError("Multi-SLERP: the weighted mean of the inputs is zero (antipodal inputs with "
-                               "balancing weights)", fix="change the weights")
-        result = stacked[0] * w[0] + stacked[1] * w[1]
-        return result + base if base is not None else result
+        if len(tensors) == 2 or not bool(flat.any()):
+            result = sum(stacked[i] * w[i] for i in range(len(tensors)))
+            return result + base if base is not None else result
+        raise ComputeError("Multi-SLERP: the weighted mean of the inputs' directions is zero (antipodal inputs with "
+                           "balancing weights)", where=name, fix="change the weights")
     mean = mean / mean_norm
     tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w.view(-1, 1)).sum(0)
     tangent_norm = torch.linalg.vector_norm(tangent) + eps
@@ -161,7 +200,8 @@ def multislerp_merge(task: MergeTask) -> torch.Tensor:
     members = task.non_base()
     base = task.base if task.base_index is not None else None
     return multislerp([t for t, _ in members], [float(p["weight"]) for _, p in members], base,
-                      normalize_weights=bool(task.params["normalize_weights"]), eps=float(task.params["eps"]))
+                      normalize_weights=bool(task.params["normalize_weights"]), eps=float(task.params["eps"]),
+                      name=task.name)
 
 
 MULTISLERP = MergeMethod(
@@ -182,38 +222,45 @@ def karcher_mean(tensors: list[torch.Tensor], alphas: list[float], *, max_iter: 
                  tol: float = 1e-5) -> torch.Tensor:
     """Weighted Karcher (Riemannian) mean on the unit sphere, rescaled by the weighted mean norm.
 
-    Units ``u_i = x_i/|x_i|`` of the inputs with ``|x_i| > tol`` (weights renormalized over them);
-    start at the normalized weighted mean; iterate ``v = sum a_i theta_i/sin(theta_i) (u_i - cos(theta_i) m)``
-    (terms with ``theta_i < tol`` skipped), ``m <- cos|v| m + sin|v| v/|v|``, renormalized, until ``|v| < tol``
-    or ``max_iter``. Result ``(sum_i a_i |x_i|) m`` with the original weights.
+    Norms in float32 (float64 for float64 inputs), everything else in the inputs' dtype, as mergekit does. Units
+    ``u_i = x_i/|x_i|`` of the inputs with ``|x_i| > tol`` (weights renormalized over them); start at the
+    normalized weighted mean (the first unit when that mean is below ``tol``); iterate
+    ``v = sum a_i theta_i/sin(theta_i) (u_i - cos(theta_i) m)`` (terms with ``theta_i < tol`` skipped),
+    ``m <- cos|v| m + sin|v| v/|v|``, renormalized, until ``|v| < tol`` or ``max_iter``. Result
+    ``(sum_i a_i |x_i|) m`` with the original weights; zeros when no input has a norm above ``tol``.
     """
     if len(tensors) == 1:
         return tensors[0]
-    norms = [torch.linalg.vector_norm(t) for t in tensors]
+    dtype = tensors[0].dtype
+    norm_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    norms = [torch.linalg.vector_norm(t.to(norm_dtype)) for t in tensors]
+    units = [torch.zeros_like(t) if n.item() == 0.0 else (t / n).to(dtype) for t, n in zip(tensors, norms)]
     valid = [i for i, n in enumerate(norms) if n.item() > tol]
     if not valid:
-        return torch.zeros_like(tensors[0])
+        return sum(t * 0 for t in tensors)
     alpha_sum = sum(alphas[i] for i in valid)
     weights = [alphas[i] / alpha_sum for i in valid]
-    units = [tensors[i] / norms[i] for i in valid]
-    mean = sum(w * u for w, u in zip(weights, units))
-    mean_norm = torch.linalg.vector_norm(mean)
-    mean = units[0].clone() if mean_norm.item() < tol else mean / mean_norm
+    units = [units[i] for i in valid]
+    mean = torch.zeros_like(units[0])
+    for weight, unit in zip(weights, units):
+        mean += weight * unit
+    mean_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
+    mean = units[0].clone() if mean_norm.item() < tol else (mean / mean_norm).to(dtype)
     for _ in range(max_iter):
         tangent = torch.zeros_like(mean)
-        for w, u in zip(weights, units):
-            cos = torch.clamp(torch.dot(mean.reshape(-1), u.reshape(-1)), -1.0, 1.0)
+        for weight, unit in zip(weights, units):
+            cos = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
             theta = torch.arccos(cos)
             if theta.item() < tol:
                 continue
-            tangent += w * (theta / torch.sin(theta)) * (u - cos * mean)
-        tangent_norm = torch.linalg.vector_norm(tangent)
+            tangent += weight * (theta / torch.sin(theta)) * (unit - cos * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent.to(norm_dtype))
         if tangent_norm.item() < tol:
             break
-        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
-        unit_norm = torch.linalg.vector_norm(mean)
+        mean = (torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)).to(dtype)
+        unit_norm = torch.linalg.vector_norm(mean.to(norm_dtype))
         if unit_norm.item() > tol:
-            mean = mean / unit_norm
+            mean = (mean / unit_norm).to(dtype)
     return sum(a * n for a, n in zip(alphas, norms)) * mean
 
 

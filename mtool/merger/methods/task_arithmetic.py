@@ -1,30 +1,36 @@
-"""Task-vector methods: task arithmetic, TIES, DARE, Model Breadcrumbs, DELLA (and their linear/TIES
-variants), and SCE.
+"""Task-vector methods: task arithmetic, TIES, DARE, Model Breadcrumbs, DELLA (and their linear/TIES variants).
 
-All of them work on task vectors ``delta_i = W_i - W_base``:
+All of them work on task vectors ``delta_i = W_i - W_base``, in the dtype of the inputs as mergekit does
+(bfloat16 for bfloat16 models: every step below rounds to it), or in float32 with ``mtool: {math: float32}``:
 
 1. sparsify each delta (TIES: magnitude top-k; DARE: Bernoulli; breadcrumbs: magnitude band; DELLA:
-   rank-dependent Bernoulli), optionally rescaled to keep its L1 norm;
-2. weight them: ``d_i = weight_i * delta_i``;
+   rank-dependent Bernoulli; see :mod:`~mtool.merger.methods.sparsify`), optionally rescaled to keep its L1 norm;
+2. weight them: ``d_i = w_i * delta_i`` with ``w_i`` rounded to that dtype;
 3. with sign consensus (the TIES variants) keep, per entry, only the ``d_i`` whose sign agrees with the
-   sign of ``sum_i d_i`` (an entry of sum 0 counts as positive): ``m_i = [sign(d_i) == elected]``;
-4. ``mixed = sum_i m_i * d_i``, divided by ``sum_i m_i * weight_i`` (or ``sum_i weight_i`` without consensus;
-   a zero divisor counts as 1) when ``normalize``;
+   sign of ``sum_i d_i`` (an entry of sum 0 counts as positive; a zero ``d_i`` agrees with neither):
+   ``m_i = [sign(d_i) == elected]``;
+4. ``mixed = sum_i m_i d_i``, divided by ``sum_i m_i w_i`` (or ``sum_i w_i`` without consensus; a divisor of 0,
+   or below 1e-8 in size without consensus, counts as 1) when ``normalize``; sums over the models accumulate
+   in float32 and round once, as torch's do;
 5. ``W = W_base + lambda * mixed``.
+
+TIES, task arithmetic and DARE stream chunk by chunk: a statistics pass over the tensor finds each model's kept
+entries (TIES: the exact top-k set; DARE: the keep masks and L1 sums), then each chunk is finished on its own.
 """
 
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
 
+from mtool.errors import ConfigError
 from mtool.merger.methods import sparsify
 from mtool.merger.methods.base import BasePolicy, MergeMethod, MergeTask, ParameterSpec, Scope, TensorChunks
-from mtool.merger.methods.sparsify import position_keep_mask
+from mtool.merger.methods.selection import KeptByMagnitude, scratch, top_k_by_magnitude
 
 
 class Sparsification(enum.Enum):
@@ -35,15 +41,6 @@ class Sparsification(enum.Enum):
     DELLA = "della_magprune"
 
 
-def sign_consensus_mask(weighted_deltas: torch.Tensor) -> torch.Tensor:
-    """TIES sign election: ``mask_i = sign(d_i) == (+1 if sum_i d_i >= 0 else -1)`` per entry.
-
-    ``weighted_deltas`` is stacked along dim 0. A zero delta agrees with neither sign and is masked out.
-    """
-    elected = torch.where(weighted_deltas.sum(dim=0) >= 0, 1.0, -1.0).to(weighted_deltas.dtype)
-    return weighted_deltas.sign() == elected
-
-
 @dataclass(frozen=True)
 class TaskVectorOptions:
     """How one member of the family sparsifies and combines (see the module docstring)."""
@@ -52,143 +49,158 @@ class TaskVectorOptions:
     consensus: bool
 
 
-def combine_task_vectors(base: torch.Tensor, weighted: list[torch.Tensor], weights: list[float], *,
-                         consensus: bool, normalize: bool, scale: float) -> torch.Tensor:
-    """Steps 3-5 of the module docstring on weighted deltas ``d_i = weight_i * delta_i`` (sparsified)."""
+def sum_over_models(stacked: torch.Tensor) -> torch.Tensor:
+    """``sum`` over dim 0 as torch computes it: 16-bit values accumulate in float32 and round once."""
+    return stacked.sum(dim=0)
+
+
+def combine_task_vectors(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float], *, consensus: bool,
+                         normalize: bool, scale: float) -> torch.Tensor:
+    """Steps 2-5 of the module docstring on (sparsified) deltas, in ``base``'s dtype. The agreement masks are
+    made with arithmetic (``sign(d_i elected)`` clamped at 0: 1 where the signs agree, 0 elsewhere and for a zero
+    ``d_i``), which gives the same values as comparisons and runs several times faster on a CPU."""
+    dtype = base.dtype
+    weight = torch.tensor(weights, dtype=dtype, device=base.device).reshape(-1, *([1] * base.dim()))
+    weighted = torch.stack(deltas).mul_(weight)
     if consensus:
-        # Arithmetic only: comparisons and torch.where make boolean tensors, 4-30x slower than these on a CPU.
-        # copysign(1, sum) is +1 for a sum of +0.0, which is what x + (-x) gives; -1 only for -0.0, a sum of
-        # zero deltas only, which agree with neither sign anyway.
-        elected = torch.ones_like(base).copysign_(sum(weighted))
-        mixed = torch.zeros_like(base)
-        divisor = torch.zeros_like(base)
-        for delta, weight in zip(weighted, weights):
-            # 1 where sign(delta) == elected sign, 0 elsewhere (a zero delta agrees with neither)
-            agrees = (delta * elected).sign_().clamp_(min=0)
-            mixed.addcmul_(delta, agrees)
-            divisor.add_(agrees, alpha=weight)
+        # copysign(1, sum) is -1 for a sum of -0.0, which only zero deltas give: they agree with neither sign
+        elected = torch.ones_like(base).copysign_(sum_over_models(weighted))
+        agrees = (weighted * elected).sign_().clamp_(min=0)
+        divisor = sum_over_models(agrees * weight)
         divisor.add_(1 - divisor.abs().sign_())  # a zero divisor counts as 1
+        mixed = sum_over_models(agrees.mul_(weighted))
     else:
-        mixed = sum(weighted)
-        total = sum(weights)
-        divisor = 1.0 if abs(total) < 1e-8 else total
+        mixed = sum_over_models(weighted)
+        divisor = sum_over_models(weight)
+        divisor[divisor.abs() < 1e-8] = 1
     if normalize:
         mixed = mixed / divisor
     if scale != 1:
         mixed = mixed * scale
-    return base + mixed
+    return (base + mixed).to(dtype)
 
 
 @dataclass(frozen=True)
 class MemberState:
-    """What sparsifying one task vector needs beyond its own entries: the magnitude threshold (TIES keeps
-    ``|delta| >= threshold``; None keeps all) and the L1 rescale factor (1 without ``rescale``)."""
+    """What sparsifying one task vector chunk by chunk needs: the magnitude selection (TIES), the keep masks
+    drawn while preparing (DARE, by chunk offset) and the L1 rescale factor (None: no rescale)."""
 
-    threshold: float | None = None
-    rescale: float = 1.0
-    masks: dict[int, torch.Tensor] | None = None  # random keep masks drawn while preparing, by chunk offset
+    kept: KeptByMagnitude | None = None
+    masks: dict[int, torch.Tensor] | None = None
+    rescale: torch.Tensor | None = None
 
 
-def _keep_mask(delta: torch.Tensor, density: float, state: MemberState, sparsification: Sparsification, *,
-               seed: int | None, position: int, offset: int) -> torch.Tensor | None:
-    """Which entries of a (chunk of a) task vector survive, as 1/0 (in the compute dtype, or uint8 for the
-    random masks that are kept between passes); None when all do. Built with arithmetic rather than comparisons, whose
-    boolean results are several times slower to make and to multiply by on a CPU. Random draws depend on the
-    tensor's ``seed``, the model's ``position`` among the task vectors and the chunk's ``offset`` only."""
-    if sparsification is Sparsification.MAGNITUDE:
-        if state.threshold is None:
-            return None
-        return (delta.abs() - state.threshold).sign_().add_(1).clamp_(max=1)  # 1 where |delta| >= threshold
-    if sparsification is Sparsification.RANDOM and density < 1:
-        if state.masks is not None and offset in state.masks:
-            return state.masks[offset]
-        if density <= 0:
-            return torch.zeros_like(delta, dtype=torch.uint8)
-        kept = position_keep_mask(seed or 0, position, offset, delta.numel(), density)
-        return kept.reshape(delta.shape).to(delta.device)
-    return None
+def _magnitude_mask(delta: torch.Tensor, kept: KeptByMagnitude, offset: int) -> torch.Tensor:
+    """1 where the selection keeps an entry of this chunk, else 0, in ``delta``'s dtype (``sign(|d| - threshold)
+    + 1`` clamped at 1: the threshold is one of the magnitudes, so the difference is exact)."""
+    if kept.threshold is None:
+        return torch.ones_like(delta)
+    if kept.threshold == float("inf"):
+        return torch.zeros_like(delta)
+    mask = (delta.abs() - kept.threshold).sign_().add_(1).clamp_(max=1)
+    dropped = kept.dropped_in(offset, delta.numel())
+    if dropped.size:
+        mask[torch.from_numpy(dropped).to(mask.device)] = 0
+    return mask
+
+
+def _random_mask(delta: torch.Tensor, density: float, state: MemberState, *, seed: int | None, position: int,
+                 offset: int) -> torch.Tensor:
+    if state.masks is not None and offset in state.masks:
+        return state.masks[offset]
+    work = sparsify.random_work_dtype(delta.dtype)
+    probability = sparsify.rounded_probability(density, work)
+    return sparsify.position_keep_mask(seed or 0, position, offset, delta.numel(), probability).to(delta.device)
+
+
+def _sparsified(delta: torch.Tensor, density: float, state: MemberState, options: TaskVectorOptions, *,
+                seed: int | None, position: int, offset: int) -> torch.Tensor:
+    """One chunk of a sparsified (and rescaled) task vector, in ``delta``'s dtype."""
+    if options.sparsification is Sparsification.MAGNITUDE and state.kept is not None:
+        kept = delta * _magnitude_mask(delta, state.kept, offset)
+        return kept if state.rescale is None else kept * state.rescale
+    if options.sparsification is Sparsification.RANDOM and density < 1:
+        work = sparsify.random_work_dtype(delta.dtype)
+        mask = _random_mask(delta, density, state, seed=seed, position=position, offset=offset)
+        kept = delta.to(work) * mask.to(work)
+        return (kept if state.rescale is None else kept * state.rescale).to(delta.dtype)
+    return delta
 
 
 def prepare_task_vectors(tensor: TensorChunks, options: TaskVectorOptions) -> list[MemberState]:
-    """Per model: the k-th largest ``|delta|`` with ``k = max(1, floor(density n))`` (TIES), and with
-    ``rescale`` the factor ``||delta||_1 / ||kept||_1`` (unchanged when either is below 1e-7), streamed over
-    the tensor's chunks so no whole float32 copy of an input is ever made (the magnitudes of one model are).
-
-    Thresholds take one pass per model over its input and the base; the rescale factors of all models
-    take one more pass together, drawing each random mask once (finishing reuses it)."""
+    """Per model: TIES' kept entries (the ``max(1, floor(density n))`` largest ``|delta|``, torch's tie order),
+    DARE's keep masks, and with ``rescale`` the factor ``||delta||_1 / ||kept||_1``, streamed over the tensor's
+    chunks (the magnitudes of one model are the only whole-tensor copy)."""
     members = [i for i in range(tensor.input_count) if i != tensor.base_index]
     densities = [float(tensor.model_params[index].get("density", 1.0)) for index in members]
-    thresholds: list[float | None] = [None] * len(members)
+    selections: list[KeptByMagnitude | None] = [None] * len(members)
     if options.sparsification is Sparsification.MAGNITUDE:
-        selecting = any(0 < density < 1 for density in densities)  # the models share one scratch buffer
-        magnitudes = torch.empty(tensor.numel if selecting else 0, dtype=tensor.compute_dtype, device=tensor.device)
-        thresholds = [_magnitude_threshold(tensor, index, density, magnitudes)
-                      for index, density in zip(members, densities)]
+        selections = [_magnitude_selection(tensor, index, density) for index, density in zip(members, densities)]
     rescaled = [position for position, density in enumerate(densities)
-                if tensor.params["rescale"] and options.sparsification is not Sparsification.NONE and 0 < density < 1]
+                if tensor.params["rescale"] and options.sparsification is not Sparsification.NONE and density < 1]
     if not rescaled:
-        return [MemberState(threshold=threshold) for threshold in thresholds]
+        return [MemberState(kept=kept) for kept in selections]
+    work = sparsify.random_work_dtype(tensor.compute_dtype) \
+        if options.sparsification is Sparsification.RANDOM else tensor.compute_dtype
     before, after = [0.0] * len(members), [0.0] * len(members)
     masks: list[dict[int, torch.Tensor]] = [{} for _ in members]
-    drawing = [MemberState(threshold=threshold) for threshold in thresholds]
+    drawing = [MemberState(kept=kept) for kept in selections]
     for chunk in tensor.chunks():
         base = chunk.input(tensor.base_index)
         for position in rescaled:
             delta = chunk.input(members[position]) - base
-            mask = _keep_mask(delta, densities[position], drawing[position], options.sparsification,
-                              seed=tensor.seed, position=position, offset=chunk.offset)
-            magnitude = delta.abs_()  # chunk sums in float32 (pairwise), the running totals in float64
-            total = float(magnitude.sum())
-            before[position] += total
-            after[position] += float(magnitude.mul_(mask).sum()) if mask is not None else total
-            if options.sparsification is Sparsification.RANDOM and mask is not None:
-                masks[position][chunk.offset] = mask  # drawn once: finishing the chunk reuses it (one byte an entry)
-    states = []
-    for position, threshold in enumerate(thresholds):
-        rescale = before[position] / after[position] \
-            if position in rescaled and before[position] >= 1e-7 and after[position] >= 1e-7 else 1.0
-        states.append(MemberState(threshold=threshold, rescale=rescale, masks=masks[position] or None))
-    return states
+            if options.sparsification is Sparsification.RANDOM:
+                mask = _random_mask(delta, densities[position], drawing[position], seed=tensor.seed,
+                                    position=position, offset=chunk.offset)
+                masks[position][chunk.offset] = mask  # drawn once: finishing the chunk reuses it (a byte an entry)
+                magnitude = delta.to(work).abs_()  # chunk sums in float32 (pairwise), the totals in float64
+                before[position] += float(magnitude.sum(dtype=torch.float32))
+                after[position] += float(magnitude.mul_(mask).sum(dtype=torch.float32))
+                continue
+            kept = _sparsified(delta, densities[position], drawing[position], options, seed=tensor.seed,
+                               position=position, offset=chunk.offset)
+            before[position] += float(delta.to(work).abs().sum(dtype=torch.float64))
+            after[position] += float(kept.to(work).abs().sum(dtype=torch.float64))
+    return [MemberState(kept=kept, masks=masks[position] or None,
+                        rescale=sparsify.rescale_factor(before[position], after[position], work)
+                        if position in rescaled else None)
+            for position, kept in enumerate(selections)]
 
 
-def _magnitude_threshold(tensor: TensorChunks, index: int, density: float, magnitudes: torch.Tensor) -> float | None:
-    """TIES: the k-th largest ``|W_index - W_base|`` over the whole tensor, ``k = max(1, floor(density n))``;
-    None when every entry is kept. ``magnitudes`` is scratch space of the tensor's size."""
-    if density >= 1:
-        return None
+def _magnitude_selection(tensor: TensorChunks, index: int, density: float) -> KeptByMagnitude:
+    """TIES: which entries of ``W_index - W_base`` are kept (see :func:`prepare_task_vectors`)."""
     count = tensor.numel
+    if density >= 1:
+        return KeptByMagnitude.everything()
     if density <= 0 or count == 0:
-        return math.inf
+        return KeptByMagnitude.nothing()
+    sixteen_bits = tensor.compute_dtype in (torch.bfloat16, torch.float16)
+    magnitudes = scratch("magnitudes", count, np.uint16 if sixteen_bits else np.float32)
     for chunk in tensor.chunks():
-        piece = (chunk.input(index) - chunk.input(tensor.base_index)).abs_()  # inputs may be views
-        magnitudes[chunk.offset:chunk.offset + piece.numel()] = piece
-    return float(sparsify.kth_largest(magnitudes, max(1, int(density * count))))
+        piece = (chunk.input(index) - chunk.input(tensor.base_index)).abs().cpu()
+        values = piece.view(torch.int16).numpy().view(np.uint16) if sixteen_bits else piece.float().numpy()
+        magnitudes[chunk.offset:chunk.offset + piece.numel()] = values
+    return top_k_by_magnitude(magnitudes, max(1, int(density * count)), tensor.compute_dtype)
 
 
 def finish_task_vectors(task: MergeTask, states: list[MemberState], options: TaskVectorOptions) -> torch.Tensor:
     """One chunk: sparsify each delta with its prepared state, weight, combine (steps 1-5)."""
     base = task.base
-    weighted, weights = [], []
+    deltas, weights = [], []
     for position, ((tensor, params), state) in enumerate(zip(task.non_base(), states)):
-        delta = tensor - base
-        mask = _keep_mask(delta, float(params.get("density", 1.0)), state, options.sparsification,
-                          seed=task.seed, position=position, offset=task.offset)
-        if mask is not None:
-            delta.mul_(mask)
-        weight = float(params["weight"])
-        delta.mul_(state.rescale * weight)
-        weighted.append(delta)
-        weights.append(weight)
-    if not weighted:
+        deltas.append(_sparsified(tensor - base, float(params.get("density", 1.0)), state, options,
+                                  seed=task.seed, position=position, offset=task.offset))
+        weights.append(float(params["weight"]))
+    if not deltas:
         return base.clone()
-    return combine_task_vectors(base, weighted, weights, consensus=options.consensus,
+    return combine_task_vectors(base, deltas, weights, consensus=options.consensus,
                                 normalize=bool(task.params["normalize"]), scale=float(task.params["lambda"]))
 
 
 def ranked_task_vector_merge(task: MergeTask, options: TaskVectorOptions) -> torch.Tensor:
     """Breadcrumbs and DELLA, whose masks depend on ranks over the whole tensor (or row): whole tensors."""
     base = task.base
-    weighted, weights = [], []
+    deltas, weights = [], []
     rescale = bool(task.params["rescale"])
     for tensor, params in task.non_base():
         delta = tensor - base
@@ -198,25 +210,22 @@ def ranked_task_vector_merge(task: MergeTask, options: TaskVectorOptions) -> tor
         else:
             delta = sparsify.della_magprune(delta, density, float(params["epsilon"]), generator=task.generator,
                                             rescale=rescale)
-        weight = float(params["weight"])
-        weighted.append(delta * weight)
-        weights.append(weight)
-    if not weighted:
+        deltas.append(delta)
+        weights.append(float(params["weight"]))
+    if not deltas:
         return base.clone()
-    return combine_task_vectors(base, weighted, weights, consensus=options.consensus,
+    return combine_task_vectors(base, deltas, weights, consensus=options.consensus,
                                 normalize=bool(task.params["normalize"]), scale=float(task.params["lambda"]))
 
 
 def task_vector_scratch(numel: int, inputs: int, compute_itemsize: int) -> int:
-    """Memory :func:`prepare_task_vectors` may hold beyond the chunks: TIES' magnitudes of one model (the tensor in
-    the compute dtype) and about twice that while selecting its threshold; DARE's keep masks (a byte an entry
-    and model)."""
-    return 3 * numel * compute_itemsize + numel * (inputs - 1)
+    """Memory :func:`prepare_task_vectors` may hold beyond the chunks: TIES' magnitudes of one model (in 16-bit
+    or float32 keys) and their uint32 positions, plus a boolean pass over them; DARE's keep masks (a byte an
+    entry and model)."""
+    return (4 + max(compute_itemsize, 2) + 1) * numel + numel * (inputs - 1)
 
 
 def _della_window_check(shared: dict, per_model: list[dict], where: str) -> None:
-    from mtool.errors import ConfigError
-
     for params in per_model:
         density, epsilon = params.get("density"), params.get("epsilon")
         if density is None or epsilon is None or density >= 1 or density <= 0:
@@ -226,15 +235,23 @@ def _della_window_check(shared: dict, per_model: list[dict], where: str) -> None
                               f"epsilon {epsilon:g}", where=where, fix="lower epsilon")
 
 
+def _bernoulli_check(shared: dict, per_model: list[dict], where: str) -> None:
+    for params in per_model:
+        density = params.get("density")
+        if density is not None and density < 0:
+            raise ConfigError(f"DARE keeps each entry with probability density; got density {density:g}",
+                              where=where, fix="use a density in [0, 1]")
+
+
 def _family_member(name: str, sparsification: Sparsification, consensus: bool, normalize: bool, rescale: bool,
                    description: str, reference: str) -> MergeMethod:
     parameters = [
-        ParameterSpec("weight", float, Scope.NON_BASE, help="scale of this model's task vector"),
-        ParameterSpec("density", float, Scope.NON_BASE, 1.0, 0.0, 1.0, "fraction of the task vector kept"),
+        ParameterSpec("int8_mask", bool, Scope.SHARED, False, help="accepted for compatibility; no effect on results"),
         ParameterSpec("normalize", bool, Scope.SHARED, normalize, help="divide by the sum of the (kept) weights"),
         ParameterSpec("rescale", bool, Scope.SHARED, rescale, help="rescale a sparsified delta to its L1 norm"),
         ParameterSpec("lambda", float, Scope.SHARED, 1.0, help="scale of the merged task vector"),
-        ParameterSpec("int8_mask", bool, Scope.SHARED, False, help="accepted for compatibility; no effect on results"),
+        ParameterSpec("weight", float, Scope.NON_BASE, help="scale of this model's task vector"),
+        ParameterSpec("density", float, Scope.NON_BASE, 1.0, 0.0, 1.0, "fraction of the task vector kept"),
     ]
     if sparsification is Sparsification.MAGNITUDE_OUTLIERS:
         parameters.append(ParameterSpec("gamma", float, Scope.NON_BASE, 0.01, 0.0, 1.0,
@@ -244,6 +261,7 @@ def _family_member(name: str, sparsification: Sparsification, consensus: bool, n
                                         "spread of keep probabilities around density"))
     options = TaskVectorOptions(sparsification, consensus)
     streamed = sparsification in (Sparsification.NONE, Sparsification.MAGNITUDE, Sparsification.RANDOM)
+    checks = {Sparsification.DELLA: (_della_window_check,), Sparsification.RANDOM: (_bernoulli_check,)}
     return MergeMethod(
         name=name,
         function=None if streamed else partial(ranked_task_vector_merge, options=options),
@@ -255,7 +273,7 @@ def _family_member(name: str, sparsification: Sparsification, consensus: bool, n
         random=sparsification in (Sparsification.RANDOM, Sparsification.DELLA),
         description=description,
         reference=reference,
-        extra_checks=(_della_window_check,) if sparsification is Sparsification.DELLA else (),
+        extra_checks=checks.get(sparsification, ()),
     )
 
 
@@ -275,55 +293,3 @@ DELLA = _family_member("della", Sparsification.DELLA, True, True, True,
                        "magnitude-ranked random drop, sign election", "https://arxiv.org/abs/2406.11617")
 DELLA_LINEAR = _family_member("della_linear", Sparsification.DELLA, False, False, True,
                               "magnitude-ranked random drop, weighted sum", "https://arxiv.org/abs/2406.11617")
-
-
-def sce_merge(task: MergeTask) -> torch.Tensor:
-    """SCE: select, calculate, erase.
-
-    ``deltas = W_i - base``; when ``select_topk < 1`` keep only the ``floor(select_topk * nnz(var))`` entries
-    with the largest variance across models (``var`` population variance over i); TIES sign election on the
-    (selected) deltas; each model weighs ``w_i = mean(delta_i^2) / sum_j mean(delta_j^2)`` (uniform when that
-    sum is below 1e-6); ``W = base + sum_i m_i w_i delta_i / max(sum_i m_i w_i, 1e-6)``.
-    """
-    base = task.base
-    members = [tensor for tensor, _ in task.non_base()]
-    if not members:
-        return base.clone()
-    deltas = torch.stack([m - base for m in members])
-    select_topk = float(task.params["select_topk"])
-    if select_topk < 1:
-        deltas.mul_(_variance_selection(deltas, select_topk))
-    mask = sign_consensus_mask(deltas)
-    energy = deltas.square().reshape(len(members), -1).mean(dim=1)
-    total = energy.sum().item()
-    weights = torch.full_like(energy, 1 / len(members)) if abs(total) < 1e-6 else energy / total
-    weights = weights.reshape(-1, *([1] * base.dim())) * mask
-    merged = (deltas * weights).sum(dim=0) / weights.sum(dim=0).clamp(min=1e-6)
-    return merged.add_(base)
-
-
-def _variance_selection(deltas: torch.Tensor, fraction: float) -> torch.Tensor:
-    """A 0/1 mask of the ``floor(fraction * nnz)`` entries whose variance across models is largest."""
-    if fraction <= 0:
-        return torch.zeros_like(deltas[0])
-    variance = deltas.var(dim=0, unbiased=False)
-    k = int(torch.count_nonzero(variance).item() * fraction)
-    mask = torch.zeros_like(variance)
-    if k == 0:
-        return mask
-    indices = torch.topk(variance.reshape(-1), k=k).indices
-    mask.view(-1)[indices] = 1
-    return mask
-
-
-SCE = MergeMethod(
-    name="sce",
-    function=sce_merge,
-    parameters=(
-        ParameterSpec("select_topk", float, Scope.SHARED, 1.0, 0.0, 1.0, "fraction of highest-variance entries kept"),
-        ParameterSpec("int8_mask", bool, Scope.SHARED, False, help="accepted for compatibility; no effect on results"),
-    ),
-    base=BasePolicy.REQUIRED,
-    description="variance selection, energy weights, sign election",
-    reference="https://arxiv.org/abs/2408.07990",
-)
