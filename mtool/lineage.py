@@ -11,7 +11,6 @@ whole tree travels with the output even when the parent folders are gone.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,8 @@ from mtool import __version__
 from mtool.errors import InputError
 from mtool.hub import ModelRef
 from mtool.io.hashing import FileHasher
+from mtool.reproducible import creation_time
+from mtool.safe_yaml import markdown_front_matter
 
 LINEAGE_FILENAME = "mtool-lineage.json"
 SCHEMA_VERSION = 1
@@ -68,7 +69,7 @@ class Lineage(BaseModel):
     schema_version: int = SCHEMA_VERSION
     tool: str = "mtool"
     tool_version: str = __version__
-    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created: str = Field(default_factory=creation_time)  # SOURCE_DATE_EPOCH when set (mtool.reproducible)
     operation: Operation
     method: str | None = None  # merge method (slerp, ties...), combination type, or "lora"/"qlora"
     parents: list[Parent] = Field(default_factory=list)
@@ -80,6 +81,7 @@ class Lineage(BaseModel):
     parameter_count: int | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     is_adapter: bool = False  # the output is a PEFT adapter, not a full model
+    warnings: list[str] | None = None  # what the command warned about while making the output (e.g. SLERP t > 1)
 
     def roots(self) -> list[Parent]:
         """The parents at the bottom of the tree: those that carry no record of their own."""
@@ -176,24 +178,24 @@ def declared_license(folder: str | os.PathLike) -> str | None:
     folder = Path(folder)
     readme = folder / "README.md"
     if readme.is_file():
-        text = readme.read_text(encoding="utf-8", errors="replace")
-        if text.startswith("---"):
-            end = text.find("\n---", 3)
-            if end > 0:
-                import yaml
-
-                try:
-                    front = yaml.safe_load(text[3:end]) or {}
-                except yaml.YAMLError:
-                    front = {}
-                if isinstance(front, dict) and front.get("license"):
-                    return str(front["license"])
+        license = markdown_front_matter(read_card_text(readme), source=str(readme)).get("license")
+        if isinstance(license, str) and license:
+            return license[:200]
     config = folder / "config.json"
     if config.is_file():
         try:
             value = json.loads(config.read_text(encoding="utf-8")).get("license")
-        except (OSError, json.JSONDecodeError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             value = None
-        if value:
-            return str(value)
+        if isinstance(value, str) and value:
+            return value[:200]
     return None
+
+
+def read_card_text(path: Path, max_bytes: int = 1 << 20) -> str:
+    """The beginning (``max_bytes``) of a model card, where its front matter is; undecodable bytes replaced."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(max_bytes).decode("utf-8", errors="replace")
+    except OSError:
+        return ""

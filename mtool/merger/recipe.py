@@ -18,9 +18,11 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
-from mtool.errors import ConfigError
+from mtool.errors import ConfigError, printable, shown
+from mtool.safe_yaml import load_yaml, read_text
 
 ParameterSetting = Any  # scalar | gradient list | [{filter, value}] (validated in params.py)
+MAX_REFERENCE_CHARS = 4096  # PATH_MAX on Linux: a longer path or Hub id names nothing
 
 
 class ModelReference(BaseModel):
@@ -37,9 +39,10 @@ class ModelReference(BaseModel):
         text = str(text).strip()
         if not text:
             raise ValueError("empty model reference")
+        _check_reference_text(text)
         model, _, adapter = text.partition("+")
         revision = None
-        if "@" in model and not Path(model).exists():
+        if "@" in model and not _exists(model):
             model, _, revision = model.rpartition("@")
         return cls(model=model, revision=revision or None, adapter=adapter or None)
 
@@ -52,6 +55,19 @@ class ModelReference(BaseModel):
         return text + (f"+{self.adapter}" if self.adapter else "")
 
 
+def _check_reference_text(text: str) -> None:
+    if len(text) > MAX_REFERENCE_CHARS or "\0" in text:
+        raise ValueError(f"a model reference is a path or a Hub id (at most {MAX_REFERENCE_CHARS} characters, no "
+                         f"NUL character), got {len(text):,} characters: {shown(text, 60)}")
+
+
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).exists()
+    except (OSError, ValueError):  # a name too long for the file system, or unreadable: not an existing path
+        return False
+
+
 def _reference(value: Any) -> ModelReference:
     if isinstance(value, ModelReference):
         return value
@@ -61,9 +77,14 @@ def _reference(value: Any) -> ModelReference:
         revision = model.get("revision") if isinstance(model, dict) else None
         lora = value.get("lora")
         adapter = lora.get("path") if isinstance(lora, dict) else lora
-        return ModelReference(model=str(path), revision=revision, adapter=adapter)
+        if not isinstance(path, str) or not isinstance(revision, (str, type(None))) \
+                or not isinstance(adapter, (str, type(None))):
+            raise ValueError(f"a model reference's path, revision and lora must be strings, got {shown(value)}")
+        for part in (path, revision, adapter):
+            _check_reference_text(part or "")
+        return ModelReference(model=path, revision=revision, adapter=adapter)
     if not isinstance(value, str):
-        raise ValueError(f"a model reference must be a string, got {value!r}")
+        raise ValueError(f"a model reference must be a string, got {shown(value)}")
     return ModelReference.parse(value)
 
 
@@ -107,8 +128,16 @@ class OutputSlice(_Strict):
     def _same_length(self) -> "OutputSlice":
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
-            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+            raise ValueError("all sources of a slice must span the same number of layers, got "
+                             f"{shown(sorted(lengths))}")
         return self
+
+
+def _reference_text(value: Any, keywords: tuple[str, ...] = ()) -> Any:
+    """A string naming a model (or one of ``keywords``), checked as a model reference."""
+    if isinstance(value, str) and value not in keywords:
+        ModelReference.parse(value)
+    return value
 
 
 class TokenSource(BaseModel):
@@ -117,11 +146,15 @@ class TokenSource(BaseModel):
     source: Union[str, dict, None] = None  # a model reference, or {kind: zero}
     force: bool = False
 
+    _check_source = field_validator("source")(lambda cls, v: _reference_text(v))
+
 
 class TokenizerSettings(_Strict):
     source: str | None = None  # "base", "union" or a model reference
     tokens: dict[str, TokenSource] | None = None
     pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+    _check_source = field_validator("source")(lambda cls, v: _reference_text(v, ("base", "union")))
 
 
 class Recipe(_Strict):
@@ -139,6 +172,8 @@ class Recipe(_Strict):
     modules: dict[str, Any] | None = None
 
     _parse_base = field_validator("base_model", mode="before")(lambda cls, v: None if v is None else _reference(v))
+    _check_tokenizer_source = field_validator("tokenizer_source")(
+        lambda cls, v: _reference_text(v, ("base", "union")))
 
     @model_validator(mode="after")
     def _one_input_form(self) -> "Recipe":
@@ -208,38 +243,29 @@ def _line_of(node: yaml.Node | None, location: tuple) -> int | None:
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and validate a recipe file; every error names the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"cannot read the recipe: {error.strerror}", where=str(path)) from None
-    return parse_recipe(text, source=str(path))
+    """Read and validate a recipe file; every error names the file and line. The YAML is read within
+    :mod:`mtool.safe_yaml`'s limits (size, depth, aliases, duplicate keys)."""
+    return parse_recipe(read_text(path, what="recipe"), source=str(path))
 
 
 def parse_recipe(text: str, *, source: str = "recipe") -> Recipe:
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        where = f"{source}, line {mark.line + 1}" if mark else source
-        raise ConfigError(f"malformed YAML: {error.problem}", where=where) from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"malformed YAML: {error}", where=source) from None
+    document = load_yaml(text, source=source)
+    data, node = document.data, document.node
     if not isinstance(data, dict):
-        raise ConfigError("a recipe must be a YAML mapping with at least `merge_method`", where=source)
+        raise ConfigError("a recipe must be a YAML mapping with at least `merge_method`", where=source,
+                          fix="see recipes/merge/ for examples")
     try:
         return Recipe.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
         location = tuple(first["loc"])
         line = _line_of(node, location)
-        key = ".".join(str(part) for part in location) or "recipe"
-        message = first["msg"].removeprefix("Value error, ")
+        key = printable(".".join(str(part) for part in location)[:200]) or "recipe"
+        message = printable(first["msg"].removeprefix("Value error, "))[:300]
+        fix = "see docs/merge.md for the recipe format"
         if first["type"] == "extra_forbidden":
-            message = f"unknown key {location[-1]!r}"
+            message = f"unknown key {shown(location[-1], 60)}"
         elif first["type"] == "missing":
-            message = f"missing key {location[-1]!r}"
+            message = f"missing key {shown(location[-1], 60)}"
         where = f"{source}, line {line}" if line else source
-        raise ConfigError(f"{key}: {message}", where=where) from None
+        raise ConfigError(f"{key}: {message}", where=where, fix=fix) from None

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mtool.errors import ConfigError
+from mtool.errors import ConfigError, shown
 from mtool.merger.recipe import ModelReference
 
 if TYPE_CHECKING:
@@ -81,17 +81,19 @@ def plan_vocabulary(plan: "MergePlan") -> VocabularyPlan:
     position = {token: i for i, token in enumerate(tokens)}
     for token, token_source in ((settings.tokens or {}).items() if settings else ()):
         if token not in position:
-            raise ConfigError(f"token {token!r} is not in the output vocabulary", where="tokenizer.tokens")
+            raise ConfigError(f"token {shown(token, 60)} is not in the output vocabulary", where="tokenizer.tokens",
+                              fix="list tokens of the models' vocabularies")
         value = token_source.source
         if isinstance(value, dict) and value.get("kind") == "zero":
             pinned[position[token]] = None
         elif isinstance(value, str):
             reference = ModelReference.parse(value)
             if reference not in plan.models:
-                raise ConfigError(f"token {token!r}: source {value} is not one of the recipe's models",
-                                  where="tokenizer.tokens")
+                raise ConfigError(f"token {shown(token, 60)}: source {shown(value, 80)} is not one of the recipe's "
+                                  "models", where="tokenizer.tokens", fix="name a model the recipe merges")
             if rows[reference][position[token]] < 0:
-                raise ConfigError(f"token {token!r} is not in {value}'s vocabulary", where="tokenizer.tokens")
+                raise ConfigError(f"token {shown(token, 60)} is not in {shown(value, 80)}'s vocabulary",
+                                  where="tokenizer.tokens", fix="choose a source model that has the token")
             pinned[position[token]] = reference
     for tensor in plan.tensors:
         if tensor.vocabulary:

@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtool.errors import InputError, OutputExistsError
-from mtool.lineage import Lineage, Parent, declared_license
+from mtool.lineage import Lineage, Parent, declared_license, read_card_text
 from mtool.naming.card_body import pipeline_tag, render_body
 from mtool.naming.facts import FolderFacts, base_parent, hub_id_of_path, output_name, read_facts
 from mtool.naming.license import LicenseResolution, ParentLicense, publisher_license, resolve_license
 from mtool.naming.schema import ModelName, parse_name
 from mtool.naming.suggest import suggest_from_facts
+from mtool.safe_yaml import markdown_front_matter
 
 CARD_FILENAME = "README.md"
 
@@ -57,14 +58,10 @@ class CardContent:
 
 
 def _front_matter_of(readme: Path) -> dict:
+    """A parent card's metadata, read within mtool.safe_yaml's limits (a parent's card is an input like any other)."""
     if not readme.is_file():
         return {}
-    from huggingface_hub.repocard import metadata_load
-
-    try:
-        return metadata_load(readme) or {}
-    except Exception:  # noqa: BLE001 - an unreadable parent card only costs its license details
-        return {}
+    return markdown_front_matter(read_card_text(readme), source=str(readme))
 
 
 def _cached_hub_card(repo_id: str, revision: str | None) -> dict:

@@ -1,0 +1,47 @@
+"""JSON files that come with weights (``config.json``, ``adapter_config.json``, shard indexes), read with bounds.
+
+A file is read only up to a size no such file reaches (``MAX_JSON_BYTES``), must be UTF-8, valid JSON and an
+object at the top; anything else is a :class:`~mtool.errors.CheckpointError` naming the file and the line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mtool.errors import CheckpointError, kind_of
+
+MAX_JSON_BYTES = 64 * 1024 * 1024  # a shard index of a 1T-parameter model is a few MB
+
+
+def read_json_object(path: str | os.PathLike, *, what: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """The JSON object in ``path`` (``what`` names the file in messages, e.g. "shard index")."""
+    path = Path(path)
+    fix = f"restore {path.name} from where the folder came from"
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(max_bytes + 1)
+    except OSError as error:
+        raise CheckpointError(f"cannot read the {what}: {error.strerror or type(error).__name__}", where=str(path),
+                              fix="check the path and its permissions") from None
+    if len(raw) > max_bytes:
+        raise CheckpointError(f"the {what} is larger than {max_bytes:,} bytes", where=str(path), fix=fix)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise CheckpointError(f"the {what} is not UTF-8 text", where=f"{path}, line {line}", fix=fix) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"the {what} is not valid JSON: {error.msg.lower()}",
+                              where=f"{path}, line {error.lineno}", fix=fix) from None
+    except (ValueError, RecursionError):  # an integer of 4,300+ digits; nesting deeper than Python's stack
+        raise CheckpointError(f"the {what} is not JSON mtool can read (a huge number or deep nesting)",
+                              where=str(path), fix=fix) from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"the {what} must be a JSON object, not {kind_of(data)}", where=str(path),
+                              fix=fix)
+    return data
