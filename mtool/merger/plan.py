@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from mtool import ui
 from mtool.chat_templates import resolve_chat_template
 from mtool.errors import ConfigError, InputError
 from mtool.hub import ModelRef, resolve_model
@@ -133,6 +134,7 @@ class MergePlan:
     base_reference: ModelReference | None
     vocabulary: "object | None" = None  # merger.tokenizer.VocabularyPlan when the tokenizer is merged
     chat_template: str | None = None  # the recipe's chat_template, resolved to its Jinja text
+    warnings: list[str] = field(default_factory=list)  # printed when planned, recorded in the lineage
 
     def by_layer(self) -> dict[int | None, list[TensorPlan]]:
         groups: dict[int | None, list[TensorPlan]] = {}
@@ -177,6 +179,7 @@ class _Planner:
         self.read_dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
         self.out_dtype = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
         self.tensors: list[TensorPlan] = []
+        self.unadvised: dict[str, list[float]] = {}  # parameter -> values outside its advised range
         self._check_parameter_names()
 
     # -- parameters -------------------------------------------------------------------------------------
@@ -212,7 +215,28 @@ class _Planner:
             })
         for check in self.method.extra_checks:
             check(params, model_params, where)
+        self._note_unadvised([params, *model_params])
         return params, model_params
+
+    def _note_unadvised(self, resolved: list[dict[str, ParameterValue]]) -> None:
+        for spec in self.method.parameters:
+            for values in resolved:
+                if spec.name in values and spec.outside_advised(values[spec.name]):
+                    self.unadvised.setdefault(spec.name, []).append(float(values[spec.name]))
+
+    def warnings(self) -> list[str]:
+        """One line per parameter that took values outside its advised range."""
+        lines = []
+        for spec in self.method.parameters:
+            values = self.unadvised.get(spec.name)
+            if values:
+                low, high = spec.advised
+                taken = f"= {min(values):g}" if min(values) == max(values) else \
+                    f"from {min(values):g} to {max(values):g}"
+                lines.append(f"{self.method.name} {spec.name} {taken} lies outside [{low:g}, {high:g}] for "
+                             f"{len(values)} tensor(s): the merge extrapolates beyond the models (mergekit allows "
+                             "it; the lineage record notes it)")
+        return lines
 
     # -- structure --------------------------------------------------------------------------------------
     def _base_of(self, output_slice: OutputSlice) -> ModelReference | None:
@@ -338,6 +362,9 @@ def build_plan(recipe: Recipe) -> MergePlan:
     if recipe.chat_template:
         plan.chat_template = resolve_chat_template(recipe.chat_template, where="chat_template",
                                                    auto_from=[m.checkpoint.folder for m in models.values()])
+    plan.warnings = planner.warnings()
+    for line in plan.warnings:
+        ui.warn(line)
     return plan
 
 

@@ -222,6 +222,7 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions, *
                         "num_hidden_layers": plan.num_layers},
             seed=options.seed if plan.method.random else None,
             parameter_count=sum(spec.numel for spec in specs),
+            warnings=plan.warnings or None,
         )
         finish_output(staging, record, hasher=hasher, digests=writer.digests, card=options.write_card)
     total_bytes = sum(spec.nbytes for spec in specs)

@@ -61,6 +61,13 @@ class ParameterSpec:
     minimum: float | None = None
     maximum: float | None = None
     help: str = ""
+    # the range the method is meant for; outside it (allowed, as mergekit allows it) the merge warns and records it
+    advised: tuple[float, float] | None = None
+
+    def outside_advised(self, value: ParameterValue) -> bool:
+        """Whether ``value`` lies outside the advised range (SLERP's ``t`` beyond [0, 1] extrapolates)."""
+        return self.advised is not None and isinstance(value, (int, float)) and not isinstance(value, bool) \
+            and not self.advised[0] <= value <= self.advised[1]
 
     @property
     def required(self) -> bool:

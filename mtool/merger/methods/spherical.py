@@ -60,7 +60,8 @@ def _slerp_finish(task: MergeTask, statistics: torch.Tensor) -> torch.Tensor:
 SLERP = MergeMethod(
     name="slerp",
     function=slerp_merge,
-    parameters=(ParameterSpec("t", float, Scope.SHARED, help="0 = base model, 1 = the other model"),),
+    parameters=(ParameterSpec("t", float, Scope.SHARED, help="0 = base model, 1 = the other model",
+                              advised=(0.0, 1.0)),),
     base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2,
     prepare=lambda tensor: sum(slerp_statistics(*_slerp_pair(chunk.task())) for chunk in tensor.chunks()),
     finish=_slerp_finish,
