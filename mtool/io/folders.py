@@ -137,11 +137,31 @@ _DISK_TEXTS = {"No space left": errno.ENOSPC, "StorageFull": errno.ENOSPC, "os e
 
 
 def free_bytes(folder: Path) -> int | None:
-    """Free bytes on the file system of ``folder`` (for an unprivileged user), None when it cannot be told."""
+    """Free bytes on the file system of ``folder`` (or of its nearest existing parent, for a folder still to be
+    made), for an unprivileged user; None when it cannot be told."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
     try:
         return shutil.disk_usage(folder).free
     except OSError:
         return None
+
+
+def require_writable(folder: Path) -> None:
+    """Raise :class:`DiskError` when ``folder`` (or, for a folder still to be made, its nearest existing parent)
+    is on a read-only file system or not writable by this process (for commands that write only at the end)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return
+    if read_only:
+        raise disk_error_of(OSError(errno.EROFS, "Read-only file system", str(folder)), folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise disk_error_of(PermissionError(errno.EACCES, "Permission denied", str(folder)), folder)
 
 
 def require_free_space(folder: Path, needed: int) -> None:
