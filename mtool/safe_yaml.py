@@ -162,6 +162,11 @@ def load_yaml(text: str, *, source: str) -> YamlDocument:
         data = loader.construct_document(node) if node is not None else None
     except _Refusal as refusal:
         raise ConfigError(refusal.what, where=_where(source, refusal.mark), fix=refusal.fix) from None
+    except yaml.constructor.ConstructorError as error:  # a tag of Python objects, an unhashable key...
+        problem = printable(str(error.problem or "cannot build this value"))[:200]
+        raise ConfigError(f"YAML value not allowed: {problem}", where=_where(source, error.problem_mark),
+                          fix="write plain data (mappings, lists, strings, numbers); tags of objects are refused") \
+            from None
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark or error.context_mark
         problem = printable(" ".join(part for part in (error.context, error.problem) if part) or "malformed")[:200]

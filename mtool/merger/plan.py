@@ -176,8 +176,8 @@ class _Planner:
         self.recipe = recipe
         self.models = models
         self.method = get_method(recipe.merge_method)
-        self.read_dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
-        self.out_dtype = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
+        self.read_dtype = parse_dtype(recipe.dtype, where="the recipe's dtype") if recipe.dtype else None
+        self.out_dtype = parse_dtype(recipe.out_dtype, where="the recipe's out_dtype") if recipe.out_dtype else None
         self.tensors: list[TensorPlan] = []
         self.unadvised: dict[str, list[float]] = {}  # parameter -> values outside its advised range
         self._check_parameter_names()
@@ -255,7 +255,8 @@ class _Planner:
             base = self._base_of(output_slice)
             models = [s.model for s in output_slice.sources]
             if len(set(models)) != len(models):
-                raise ConfigError("a model is listed twice in the same slice", where=where)
+                raise ConfigError("a model is listed twice in the same slice", where=where,
+                                  fix="list each model once (give it a larger weight instead)")
             if base is not None and self.method.base is not BasePolicy.IGNORED and base not in models:
                 raise ConfigError(f"the base model {base} is not among the slice's sources", where=where)
             self.method.check_inputs(len(models), base in models and base is not None, where=where)

@@ -230,15 +230,16 @@ def _line_of(node: yaml.Node | None, location: tuple) -> int | None:
     line = node.start_mark.line + 1 if node is not None else None
     for key in location:
         if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == key), None)
+            match, marked = (pair[1], pair[0]) if pair else (None, None)  # a key's line is where the key is
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            match = node.value[key]
+            match = marked = node.value[key]
         else:
-            match = None
+            match = marked = None
         if match is None:
             break
         node = match
-        line = node.start_mark.line + 1
+        line = marked.start_mark.line + 1
     return line
 
 

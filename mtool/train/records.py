@@ -95,9 +95,10 @@ def _array_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     while True:
         position = _skip_space(text, position)
         if position < len(text) and text[position] == "]":
-            if text[position + 1:].strip():
-                raise InputError("text after the end of the JSON array", where=f"{path}, line "
-                                 f"{line_of(position + 1)}", fix="keep one array of records in the file")
+            rest = _skip_space(text, position + 1)
+            if rest < len(text):
+                raise InputError("text after the end of the JSON array", where=f"{path}, line {line_of(rest)}",
+                                 fix="keep one array of records in the file")
             return
         line = line_of(position)
         try:

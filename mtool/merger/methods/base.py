@@ -22,12 +22,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Union
 
-from mtool.errors import ComputeError, ConfigError
+from mtool.errors import ComputeError, ConfigError, shown
 
 if TYPE_CHECKING:
     import torch
 
 ParameterValue = Union[float, int, bool, None]
+PARAMETER_FIX = "see the method's parameters and their ranges in docs/merge.md"
 
 
 class _Required:
@@ -75,6 +76,9 @@ class ParameterSpec:
 
     def validate(self, value: object, *, where: str) -> ParameterValue:
         """Coerce ``value`` to the parameter's kind and check its range (ConfigError naming ``where``)."""
+        def refused(what: str) -> ConfigError:
+            return ConfigError(f"parameter {self.name!r} {what}", where=where, fix=PARAMETER_FIX)
+
         if value is None and self.default is None:
             return None
         if self.kind is bool:
@@ -84,22 +88,22 @@ class ParameterSpec:
                 return value.lower() == "true"
             if isinstance(value, (int, float)) and value in (0, 1):
                 return bool(value)
-            raise ConfigError(f"parameter {self.name!r} must be true or false, got {value!r}", where=where)
+            raise refused(f"must be true or false, got {shown(value, 60)}")
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"parameter {self.name!r} must be a number, got {value!r}", where=where)
+            raise refused(f"must be a number, got {shown(value, 60)}")
         try:
             number = float(value)
         except ValueError:
-            raise ConfigError(f"parameter {self.name!r} must be a number, got {value!r}", where=where) from None
+            raise refused(f"must be a number, got {shown(value, 60)}") from None
         if number != number:
-            raise ConfigError(f"parameter {self.name!r} is NaN", where=where)
+            raise refused("is NaN")
         if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
             low = "-inf" if self.minimum is None else f"{self.minimum:g}"
             high = "inf" if self.maximum is None else f"{self.maximum:g}"
-            raise ConfigError(f"parameter {self.name!r} = {number:g} is outside [{low}, {high}]", where=where)
+            raise refused(f"= {number:g} is outside [{low}, {high}]")
         if self.kind is int:
             if number != int(number):
-                raise ConfigError(f"parameter {self.name!r} must be a whole number, got {value!r}", where=where)
+                raise refused(f"must be a whole number, got {shown(value, 60)}")
             return int(number)
         return number
 
