@@ -20,6 +20,7 @@ Every refusal is a :class:`~mtool.errors.CheckpointError` naming the file (and t
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from mtool.errors import CheckpointError, kind_of, shown
 from mtool.io.dtypes import element_bits
 
 USIZE_LIMIT = 1 << 64  # safetensors reads shapes and offsets as 64-bit unsigned integers
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 REWRITE = "download or write the file again"
 
 
@@ -133,6 +135,24 @@ def _entry(name: str, value: Any, where: str) -> HeaderEntry:
         raise _corrupt(f"{label} ({dtype_name}, shape {shown(shape, 80)}) needs {bits // 8} bytes but its "
                        f"data_offsets are [{begin}, {end})", where)
     return HeaderEntry(name, dtype_name, tuple(shape), begin, end)
+
+
+def header_length(prefix: bytes, file_size: int, *, where: str) -> int:
+    """The header's length from the file's first 8 bytes, checked to fit the file and safetensors' limit."""
+    if len(prefix) < 8:
+        raise CheckpointError("not a safetensors file: shorter than its 8-byte header length", where=where,
+                              fix=REWRITE)
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES or 8 + length > file_size:
+        raise CheckpointError(f"corrupt or truncated safetensors file: header length {length} does not fit in "
+                              f"{file_size} bytes", where=where, fix=REWRITE)
+    return length
+
+
+def parse_file_bytes(blob: bytes, *, where: str) -> tuple[list[HeaderEntry], dict[str, str]]:
+    """The header of a whole safetensors file held in memory (what the file reader does, without the file)."""
+    length = header_length(blob[:8], len(blob), where=where)
+    return parse_header(blob[8:8 + length], len(blob) - 8 - length, where=where)
 
 
 def parse_header(raw: bytes, data_size: int, *, where: str) -> tuple[list[HeaderEntry], dict[str, str]]:

@@ -28,20 +28,24 @@ def read_json_object(path: str | os.PathLike, *, what: str, max_bytes: int = MAX
                               fix="check the path and its permissions") from None
     if len(raw) > max_bytes:
         raise CheckpointError(f"the {what} is larger than {max_bytes:,} bytes", where=str(path), fix=fix)
+    return parse_json_object(raw, what=what, where=str(path), fix=fix)
+
+
+def parse_json_object(raw: bytes, *, what: str, where: str, fix: str) -> dict[str, Any]:
+    """The JSON object in ``raw`` (the checks of :func:`read_json_object`, on bytes in memory)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
-        raise CheckpointError(f"the {what} is not UTF-8 text", where=f"{path}, line {line}", fix=fix) from None
+        raise CheckpointError(f"the {what} is not UTF-8 text", where=f"{where}, line {line}", fix=fix) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise CheckpointError(f"the {what} is not valid JSON: {error.msg.lower()}",
-                              where=f"{path}, line {error.lineno}", fix=fix) from None
+                              where=f"{where}, line {error.lineno}", fix=fix) from None
     except (ValueError, RecursionError):  # an integer of 4,300+ digits; nesting deeper than Python's stack
         raise CheckpointError(f"the {what} is not JSON mtool can read (a huge number or deep nesting)",
-                              where=str(path), fix=fix) from None
+                              where=where, fix=fix) from None
     if not isinstance(data, dict):
-        raise CheckpointError(f"the {what} must be a JSON object, not {kind_of(data)}", where=str(path),
-                              fix=fix)
+        raise CheckpointError(f"the {what} must be a JSON object, not {kind_of(data)}", where=where, fix=fix)
     return data

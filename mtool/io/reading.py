@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import stat
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -32,14 +31,13 @@ from typing import TYPE_CHECKING
 
 from mtool.errors import CheckpointError, UnsafeWeightsError, shown
 from mtool.io.dtypes import dtype_from_safetensors
-from mtool.io.header import REWRITE, parse_header
+from mtool.io.header import REWRITE, header_length, parse_header
 from mtool.io.jsonfiles import read_json_object
 
 if TYPE_CHECKING:
     import torch
 
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -81,15 +79,7 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
             raise CheckpointError("not a regular file", where=str(path), fix="point at a .safetensors file")
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError("not a safetensors file: shorter than its 8-byte header length", where=str(path),
-                                      fix=REWRITE)
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise CheckpointError(
-                    f"corrupt or truncated safetensors file: header length {header_len} does not fit in "
-                    f"{size} bytes", where=str(path), fix=REWRITE)
+            header_len = header_length(handle.read(8), size, where=str(path))
             raw = handle.read(header_len)
     except OSError as error:
         raise CheckpointError(f"cannot read weight file: {error.strerror or type(error).__name__}", where=str(path),
