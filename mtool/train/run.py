@@ -100,10 +100,6 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
         _report_data(config, data)
         _preflight(config, base, processes)
     loop, liger = _build_loop(config, base, tokenizer, data, processes)
-    if processes.is_main:  # the adapter's size is known now: refuse a disk that cannot take it before training
-        from mtool.train.output import output_bytes
-
-        require_free_space(out.parent, output_bytes(unwrap(loop.model), base))
     if resume_from is not None:
         _resume(loop, resume_from)
     elif processes.is_main:
@@ -143,6 +139,10 @@ def _build_loop(config: TrainConfig, base: ModelRef, tokenizer: Any, data: Prepa
 
     peft_model, liger = build_model(str(base.path), tokenizer, config.model, config.lora, device=processes.device,
                                     seed=config.seed)
+    if processes.is_main:  # the adapter's size is known now: refuse a disk that cannot take it, before training
+        from mtool.train.output import output_bytes
+
+        require_free_space(Path(config.out).parent, output_bytes(peft_model, base))
     optimizer = build_optimizer(trainable_parameters(peft_model), config.training, processes.device)
     compute_dtype = resolve_compute_dtype(config.model.compute_dtype, processes.device)
     scaler = torch.amp.GradScaler("cuda") if compute_dtype == torch.float16 and processes.device.type == "cuda" \
