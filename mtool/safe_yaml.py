@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -30,6 +29,7 @@ from yaml.constructor import SafeConstructor
 from yaml.resolver import Resolver
 
 from mtool.errors import ConfigError, printable, shown
+from mtool.io.text import read_utf8
 
 MAX_BYTES = 256 * 1024
 MAX_DEPTH = 64
@@ -190,22 +190,8 @@ def load_yaml(text: str, *, source: str) -> YamlDocument:
 
 def read_text(path: str | os.PathLike, *, what: str, max_bytes: int = MAX_BYTES) -> str:
     """The UTF-8 text of a file of at most ``max_bytes`` bytes (read no further: ``/dev/zero`` is refused too)."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(max_bytes + 1)
-    except OSError as error:
-        raise ConfigError(f"cannot read the {what}: {error.strerror or type(error).__name__}", where=str(path),
-                          fix="check the path and its permissions") from None
-    if len(raw) > max_bytes:
-        raise ConfigError(f"the {what} is larger than {max_bytes:,} bytes", where=str(path),
-                          fix=f"a {what} is a short text file: check the path")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise ConfigError(f"the {what} is not UTF-8 text (byte 0x{raw[error.start]:02x} cannot be decoded)",
-                          where=f"{path}, line {line}", fix="save the file as UTF-8") from None
+    return read_utf8(path, what=what, max_bytes=max_bytes, fix=f"a {what} is a short text file: check the path",
+                     error=ConfigError)
 
 
 def load_yaml_file(path: str | os.PathLike, *, what: str) -> YamlDocument:

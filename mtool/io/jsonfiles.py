@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mtool.errors import CheckpointError, kind_of
+from mtool.io.text import decode_utf8, read_bounded
 
 MAX_JSON_BYTES = 64 * 1024 * 1024  # a shard index of a 1T-parameter model is a few MB
 
@@ -20,24 +21,13 @@ def read_json_object(path: str | os.PathLike, *, what: str, max_bytes: int = MAX
     """The JSON object in ``path`` (``what`` names the file in messages, e.g. "shard index")."""
     path = Path(path)
     fix = f"restore {path.name} from where the folder came from"
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(max_bytes + 1)
-    except OSError as error:
-        raise CheckpointError(f"cannot read the {what}: {error.strerror or type(error).__name__}", where=str(path),
-                              fix="check the path and its permissions") from None
-    if len(raw) > max_bytes:
-        raise CheckpointError(f"the {what} is larger than {max_bytes:,} bytes", where=str(path), fix=fix)
+    raw = read_bounded(path, what=what, max_bytes=max_bytes, fix=fix, error=CheckpointError)
     return parse_json_object(raw, what=what, where=str(path), fix=fix)
 
 
 def parse_json_object(raw: bytes, *, what: str, where: str, fix: str) -> dict[str, Any]:
     """The JSON object in ``raw`` (the checks of :func:`read_json_object`, on bytes in memory)."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise CheckpointError(f"the {what} is not UTF-8 text", where=f"{where}, line {line}", fix=fix) from None
+    text = decode_utf8(raw, what=what, where=where, error=CheckpointError, fix=fix)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as error:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mtool.errors import InputError, kind_of, shown
+from mtool.io.text import decode_utf8
 
 FIX = "correct or remove that record"
 
@@ -35,11 +36,8 @@ class RecordError(InputError):
 
 
 def _decode(raw: bytes, path: Path, line: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InputError(f"the data is not UTF-8 text (byte 0x{raw[error.start]:02x} cannot be decoded)",
-                         where=f"{path}, line {line}", fix="save the file as UTF-8") from None
+    """Line ``line`` of ``path`` (``raw``) as UTF-8 text."""
+    return decode_utf8(raw, what="data", where=str(path), first_line=line)
 
 
 def _record(value: Any, path: Path, line: int) -> Any:
@@ -119,13 +117,7 @@ def _array_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def _decode_whole(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw.count(b"\n", 0, error.start) + 1
-        raise InputError(f"the data is not UTF-8 text (byte 0x{raw[error.start]:02x} cannot be decoded)",
-                         where=f"{path}, line {line}", fix="save the file as UTF-8") from None
+    return decode_utf8(path.read_bytes(), what="data", where=str(path))
 
 
 def _skip_space(text: str, position: int) -> int:
