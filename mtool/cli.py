@@ -97,10 +97,16 @@ def _system_error(error: OSError) -> MtoolError:
                       fix="check the path, its permissions and the free space")
 
 
+MAX_MESSAGE = 2000  # characters: the end (where, what to do) is kept when a message is cut
+
+
 def _report(error: BaseException, message: str, code: int, hint: bool = False) -> None:
     if VERBOSITY.verbose:
         traceback.print_exception(error)
-    click.echo(f"error: {printable(message)}", err=True)
+    line = printable(message)
+    if len(line) > MAX_MESSAGE:
+        line = f"{line[:MAX_MESSAGE // 2]} [...] {line[-MAX_MESSAGE // 2:]}"
+    click.echo(f"error: {line}", err=True)
     if hint and not VERBOSITY.verbose:
         click.echo("(run with -v for the traceback)", err=True)
     sys.exit(code)

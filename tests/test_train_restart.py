@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from mtool import ui
 from mtool.train import loop as loop_module
 from mtool.train.config import validate_config
 from mtool.train.run import train
@@ -71,6 +72,7 @@ def test_running_again_starts_over(tiny_llama, data, uninterrupted, tmp_path, mo
     out = tmp_path / "adapter"
     _die_at_step_3(tiny_llama, data, out, monkeypatch)
     capsys.readouterr()
+    monkeypatch.setattr(ui.VERBOSITY, "quiet", False)  # an earlier `mtool -q` in this process may have set it
     train(_config(tiny_llama, data, out))  # neither --resume nor --force
     assert "an earlier run stopped before its first one; starting over" in capsys.readouterr().err
     _same(out, uninterrupted)
