@@ -19,13 +19,13 @@ Every refusal is a :class:`~mtool.errors.CheckpointError` naming the file (and t
 
 from __future__ import annotations
 
-import json
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 from mtool.errors import CheckpointError, kind_of, shown
 from mtool.io.dtypes import element_bits
+from mtool.io.jsonfiles import JsonRefusal, loads
 
 USIZE_LIMIT = 1 << 64  # safetensors reads shapes and offsets as 64-bit unsigned integers
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
@@ -43,25 +43,6 @@ class HeaderEntry:
     end: int
 
 
-class _Duplicate(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _Duplicate(key)
-        result[key] = value
-    return result
-
-
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
 def _corrupt(what: str, where: str) -> CheckpointError:
     return CheckpointError(f"corrupt safetensors header: {what}", where=where, fix=REWRITE)
 
@@ -73,9 +54,9 @@ def decode_header_json(raw: bytes, where: str) -> dict[str, Any]:
     except UnicodeDecodeError as error:
         raise _corrupt(f"it is not UTF-8 text (byte {error.start} of the header)", where) from None
     try:
-        header = json.loads(text, object_pairs_hook=_object_without_duplicates, parse_constant=_refuse_constant)
-    except _Duplicate as duplicate:
-        raise _corrupt(f"the key {shown(duplicate.key, 80)} appears twice", where) from None
+        header = loads(text, unique_keys=True, constants=False)
+    except JsonRefusal as refusal:  # a key twice, NaN, a lone surrogate escape
+        raise _corrupt(refusal.what, where) from None
     except (ValueError, RecursionError):  # JSONDecodeError is a ValueError; so are integers of 4,300+ digits
         raise _corrupt("it is not valid JSON", where) from None
     if not isinstance(header, dict):

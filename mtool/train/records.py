@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mtool.errors import InputError, kind_of, shown
+from mtool.io.jsonfiles import JsonRefusal, check_strings, decoder, loads
 from mtool.io.text import decode_utf8
 
 FIX = "correct or remove that record"
@@ -49,10 +50,13 @@ def _record(value: Any, path: Path, line: int) -> Any:
 
 def _parse(text: str, path: Path, line: int) -> Any:
     try:
-        return json.loads(text)
+        return loads(text)
     except json.JSONDecodeError as error:
         raise InputError(f"the record is not valid JSON: {error.msg.lower()}",
                          where=f"{path}, line {line + error.lineno - 1}", fix=FIX) from None
+    except JsonRefusal as refusal:
+        raise InputError(f"the record is not valid JSON: {refusal.what}", where=f"{path}, line {line}", fix=FIX) \
+            from None
     except (ValueError, RecursionError):
         raise InputError("the record is not JSON mtool can read (a huge number or deep nesting)",
                          where=f"{path}, line {line}", fix=FIX) from None
@@ -74,7 +78,7 @@ def json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if first is None:
                 first = (number, text)
                 try:
-                    value = json.loads(text)
+                    value = loads(text)
                 except (ValueError, RecursionError):
                     if path.suffix.lower() == ".json":  # not JSON Lines: one (pretty-printed) object
                         yield first[0], _record(_parse(_decode(path.read_bytes(), path, 1), path, 1), path, 1)
@@ -87,7 +91,7 @@ def json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def _array_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     text = _decode_whole(path)
-    decoder = json.JSONDecoder()
+    parser = decoder()
     position = text.index("[") + 1
     line_of = _LineCounter(text)
     while True:
@@ -100,10 +104,14 @@ def _array_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             return
         line = line_of(position)
         try:
-            value, position = decoder.raw_decode(text, position)
+            value, position = parser.raw_decode(text, position)
+            check_strings(value)
         except json.JSONDecodeError as error:
             raise InputError(f"the data is not valid JSON: {error.msg.lower()}", where=f"{path}, line "
                              f"{error.lineno}", fix=FIX) from None
+        except JsonRefusal as refusal:
+            raise InputError(f"the record is not valid JSON: {refusal.what}", where=f"{path}, line {line}",
+                             fix=FIX) from None
         except (ValueError, RecursionError):
             raise InputError("the record is not JSON mtool can read (a huge number or deep nesting)",
                              where=f"{path}, line {line}", fix=FIX) from None

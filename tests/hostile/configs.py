@@ -42,6 +42,7 @@ ADAPTER_CHANGES: dict[str, dict[str, Any]] = {
     "token-indices-string": {"trainable_token_indices": "1,2,3"},
     "token-indices-negative": {"trainable_token_indices": [-1]},
     "base-model-number": {"base_model_name_or_path": 42},
+    "base-model-lone-surrogate": {"base_model_name_or_path": "\ud800"},
     "activated-lora": {"use_alora": True},
     "layer-replication": {"layer_replication": [[0, 1]]},
 }

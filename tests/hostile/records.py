@@ -21,6 +21,8 @@ DATA: dict[str, tuple[str, str | bytes, int]] = {
     "jsonl-huge-integer": ("data.jsonl", '{"text": "a", "n": ' + "9" * 5000 + "}\n", 1),
     "jsonl-text-is-number": ("data.jsonl", '{"text": "a"}\n{"text": 5}\n', 2),
     "jsonl-text-is-nan": ("data.jsonl", '{"text": NaN}\n', 1),
+    "jsonl-lone-surrogate": ("data.jsonl", '{"text": "a"}\n{"text": "\\udc80 broken"}\n', 2),
+    "json-array-lone-surrogate": ("data.json", '[\n  {"text": "a"},\n  {"text": "\\ud800"}\n]\n', 3),
     "jsonl-text-is-list": ("data.jsonl", '{"text": "a"}\n{"text": ["b"]}\n', 2),
     "alpaca-output-is-number": ("data.jsonl", '{"instruction": "Add", "input": "1+1", "output": 2}\n', 1),
     "alpaca-instruction-is-object": ("data.jsonl", '{"instruction": {"q": 1}, "output": "x"}\n', 1),

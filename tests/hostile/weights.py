@@ -24,6 +24,7 @@ HEADERS: dict[str, bytes] = {
     "header-is-string": safetensors_bytes("model", EIGHT),
     "header-nan-literal": safetensors_bytes(None, EIGHT, raw=b'{"__metadata__":{"x":NaN},"a":' + ENTRY + b"}"),
     "header-trailing-nul": safetensors_bytes(None, EIGHT, raw=b'{"a":' + ENTRY + b"}\0"),
+    "lone-surrogate-in-name": safetensors_bytes(None, EIGHT, raw=b'{"a\\ud800":' + ENTRY + b"}"),
     "duplicate-tensor-name": safetensors_bytes(None, b"\0" * 16, raw=b'{"a":' + ENTRY + b',"a":'
                                                b'{"dtype":"F32","shape":[2],"data_offsets":[8,16]}}'),
     "dtype-is-list": safetensors_bytes({"a": tensor(dtype=["F32"])}, EIGHT),
