@@ -131,7 +131,13 @@ class _BoundedLoader(Composer, SafeConstructor, Resolver, _EventParser):
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
-            return super().construct_object(node, deep=deep)
+            value = super().construct_object(node, deep=deep)
+            if isinstance(value, str) and not value.isascii():
+                value.encode("utf-8")  # a "\ud800" escape (libyaml refuses it; PyYAML's own parser does not)
+            return value
+        except UnicodeEncodeError:
+            raise _Refusal("a string with a lone surrogate escape is not Unicode", node.start_mark,
+                           "remove the escape") from None
         except (ValueError, OverflowError):  # e.g. an integer of 10,000 digits, a timestamp on day 45
             kind = node.tag.rpartition(":")[2]
             raise _Refusal(f"cannot read the value {shown(getattr(node, 'value', ''), 60)} as {kind}",
