@@ -45,6 +45,10 @@ class TemplateRefusal(InputError):
     """The chat template raised an error for one conversation (reported with the record it came from)."""
 
 
+class FieldProblem(ValueError):
+    """A record's field that does not have the type of the data format (reported with the record)."""
+
+
 @dataclass(frozen=True)
 class Rendered:
     """One example as text; ``spans`` are the trained ``[start, end)`` character ranges, in order."""
@@ -162,24 +166,24 @@ def _text_field(record: Mapping[str, Any], key: str, problems: list[str]) -> str
 
 
 def normalize_messages(raw: Any, field_name: str = "messages") -> list[dict[str, str]]:
-    """``[{role, content}]`` from OpenAI-style messages or ShareGPT ``{from, value}`` turns; raises ValueError
+    """``[{role, content}]`` from OpenAI-style messages or ShareGPT ``{from, value}`` turns; raises FieldProblem
     saying what is wrong (the caller adds where)."""
     if not isinstance(raw, list) or not raw:
-        raise ValueError(f"the field {field_name!r} must be a non-empty list of messages, got {kind_of(raw)}")
+        raise FieldProblem(f"the field {field_name!r} must be a non-empty list of messages, got {kind_of(raw)}")
     messages = []
     for number, turn in enumerate(raw, start=1):
         if not isinstance(turn, Mapping):
-            raise ValueError(f"message {number} of {field_name!r} must be an object, got {kind_of(turn)}")
+            raise FieldProblem(f"message {number} of {field_name!r} must be an object, got {kind_of(turn)}")
         if "role" in turn:
             role, content = turn["role"], turn.get("content")
         elif "from" in turn:
             role, content = turn["from"], turn.get("value")
             role = SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
         else:
-            raise ValueError(f"message {number} of {field_name!r} needs role/content (or from/value), got keys "
+            raise FieldProblem(f"message {number} of {field_name!r} needs role/content (or from/value), got keys "
                              f"{shown(sorted(map(str, turn)), 60)}")
         if not isinstance(role, str) or not (content is None or isinstance(content, str)):
-            raise ValueError(f"message {number} of {field_name!r} must have a string role and string content, got "
+            raise FieldProblem(f"message {number} of {field_name!r} must have a string role and string content, got "
                              f"{kind_of(role)} and {kind_of(content)}")
         messages.append({"role": role, "content": content or ""})
     return messages
@@ -204,8 +208,8 @@ def render_record(record: Any, data_format: str, chat: ChatRenderer, *, train_on
     problems: list[str] = []
     try:
         rendered = _render(record, data_format, chat, train_on_prompt, problems)
-    except ValueError as error:
-        problems.append(str(error))
+    except FieldProblem as problem:
+        problems.append(str(problem))
     except TemplateRefusal as refusal:
         problems.append(refusal.what)
     if problems:
