@@ -5,12 +5,15 @@ it is used or listed, so ``mtool --help`` stays fast: command modules import not
 time (torch, transformers, peft are imported inside the command functions).
 
 Failures: an :class:`~mtool.errors.MtoolError` is printed as one line ``error: ...`` with its exit
-code; any other exception is reported the same way with its type, and ``-v`` shows the traceback.
+code (control characters and line breaks escaped); an operating-system error that escaped the commands (a full
+disk, a read-only folder, a vanished file) is reported the same way with the path it concerns; any other exception
+is reported with its type as "unexpected", and ``-v`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import sys
@@ -19,7 +22,7 @@ import traceback
 import click
 
 from mtool import __version__
-from mtool.errors import MtoolError
+from mtool.errors import MtoolError, printable
 from mtool.ui import VERBOSITY, quiet_library_notices
 
 # Large tensors come and go by the hundred in a merge; backing them with transparent huge pages cuts the
@@ -72,14 +75,39 @@ class LazyGroup(click.Group):
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
+        except OSError as error:
+            translated = _system_error(error)
+            _report(error, translated.message, translated.exit_code)
         except Exception as error:  # noqa: BLE001 - the one place unexpected errors are reported
-            _report(error, f"unexpected {type(error).__name__}: {error}", 1, hint=True)
+            _report(error, f"unexpected {type(error).__name__}: {str(error)[:500]}", 1, hint=True)
+
+
+def _system_error(error: OSError) -> MtoolError:
+    """An operating-system error as a one-line message: a disk failure as the output layer reports it, any other
+    with its path."""
+    from pathlib import Path
+
+    from mtool.io.folders import disk_error_of
+
+    path = Path(os.fsdecode(error.filename)) if error.filename else Path.cwd()
+    translated = disk_error_of(error, path.parent if error.filename else path)
+    if translated is not None and error.errno not in (errno.EACCES, errno.EPERM):  # those may concern an input
+        return translated
+    return MtoolError(f"the operating system refused: {error.strerror or type(error).__name__}",
+                      where=str(path) if error.filename else None,
+                      fix="check the path, its permissions and the free space")
+
+
+MAX_MESSAGE = 2000  # characters: the end (where, what to do) is kept when a message is cut
 
 
 def _report(error: BaseException, message: str, code: int, hint: bool = False) -> None:
     if VERBOSITY.verbose:
         traceback.print_exception(error)
-    click.echo(f"error: {message}", err=True)
+    line = printable(message)
+    if len(line) > MAX_MESSAGE:
+        line = f"{line[:MAX_MESSAGE // 2]} [...] {line[-MAX_MESSAGE // 2:]}"
+    click.echo(f"error: {line}", err=True)
     if hint and not VERBOSITY.verbose:
         click.echo("(run with -v for the traceback)", err=True)
     sys.exit(code)

@@ -11,7 +11,6 @@ whole tree travels with the output even when the parent folders are gone.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -26,6 +25,7 @@ from mtool import __version__
 from mtool.errors import InputError
 from mtool.hub import ModelRef
 from mtool.io.hashing import FileHasher
+from mtool.reproducible import creation_time
 
 LINEAGE_FILENAME = "mtool-lineage.json"
 SCHEMA_VERSION = 1
@@ -68,7 +68,7 @@ class Lineage(BaseModel):
     schema_version: int = SCHEMA_VERSION
     tool: str = "mtool"
     tool_version: str = __version__
-    created: str = Field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    created: str = Field(default_factory=creation_time)  # SOURCE_DATE_EPOCH when set (mtool.reproducible)
     operation: Operation
     method: str | None = None  # merge method (slerp, ties...), combination type, or "lora"/"qlora"
     parents: list[Parent] = Field(default_factory=list)
@@ -81,6 +81,7 @@ class Lineage(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     is_adapter: bool = False  # the output is a PEFT adapter, not a full model
     license: str | None = None  # declared by the output's publisher (mtool card --license); None: from the parents
+    warnings: list[str] | None = None  # what the command warned about while making the output (e.g. SLERP t > 1)
 
     def roots(self) -> list[Parent]:
         """The parents at the bottom of the tree: those that carry no record of their own."""
@@ -181,15 +182,17 @@ def declared_license(folder: str | os.PathLike) -> str | None:
     from mtool.io.folders import card_metadata
 
     folder = Path(folder)
-    value = card_metadata(folder / "README.md").get("license")
-    if value:
-        return str(value)
+    license = card_metadata(folder / "README.md").get("license")
+    if isinstance(license, str) and license:
+        return license[:200]
     config = folder / "config.json"
     if config.is_file():
         try:
             value = json.loads(config.read_text(encoding="utf-8")).get("license")
-        except (OSError, json.JSONDecodeError, AttributeError):
+        except (OSError, ValueError, AttributeError, RecursionError):
             value = None
-        if value:
-            return str(value)
+        if isinstance(value, str) and value:
+            return value[:200]
     return None
+
+

@@ -48,3 +48,11 @@ class ByteSize(click.ParamType):
 
 BYTE_SIZE = ByteSize()
 GPU_MEMORY = ByteSize(bare_unit="GiB")
+
+
+def format_byte_size(count: int) -> str:
+    """``2_200_000_123`` -> ``"2,200,000,123 bytes (2.2 GB)"``: exact, with the decimal size people read."""
+    for unit, scale in (("TB", 1000**4), ("GB", 1000**3), ("MB", 1000**2), ("KB", 1000)):
+        if count >= scale:
+            return f"{count:,} bytes ({count / scale:.3g} {unit})"
+    return f"{count:,} bytes"

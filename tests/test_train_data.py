@@ -166,7 +166,7 @@ def test_every_file_type_and_saved_datasets_load_the_same_records(tmp_path):
     with pytest.raises(InputError, match="unsupported data file type .txt"):
         find_data([str(tmp_path / "a.txt")])
     (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{not json\n')
-    with pytest.raises(InputError, match="cannot read the data"):
+    with pytest.raises(InputError, match=r"the record is not valid JSON.*broken.jsonl, line 2\)"):
         load_records(find_data([str(tmp_path / "broken.jsonl")]))
 
 

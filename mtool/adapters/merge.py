@@ -32,10 +32,17 @@ from mtool.adapters.validate import adapter_weights
 from mtool.errors import InputError
 from mtool.hub import ModelRef, resolve_model
 from mtool.io.dtypes import dtype_label
-from mtool.io.folders import atomic_output_dir, copy_support_files, set_config_dtype, write_json
+from mtool.io.folders import (
+    RECORD_ALLOWANCE,
+    atomic_output_dir,
+    copy_support_files,
+    set_config_dtype,
+    support_files_bytes,
+    write_json,
+)
 from mtool.io.hashing import FileHasher
 from mtool.io.reading import Checkpoint, open_checkpoint
-from mtool.io.writing import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec
+from mtool.io.writing import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec, planned_bytes
 from mtool.lineage import Lineage, ParentInput, describe_parents_in_background
 from mtool.lora.adapter import LoraAdapter, load_lora, refuse_adapter
 from mtool.naming.finish import finish_output
@@ -263,7 +270,10 @@ def merge_adapters(base: str, adapters: list[str], output: str | os.PathLike,
     hasher = hasher or FileHasher.default()
     plan = plan_adapter_merge(base, adapters, options)
     inputs = [plan.checkpoint.folder] + [item.ref.path for item in plan.adapters]
-    with atomic_output_dir(output, force=options.force, inputs=inputs) as staging:
+    metadata = {"mtool_operation": "adapter-merge"}
+    needed = planned_bytes(plan.specs, max_shard_bytes=options.max_shard_bytes, metadata=metadata, in_order=True) \
+        + support_files_bytes(plan.checkpoint.folder) + RECORD_ALLOWANCE
+    with atomic_output_dir(output, force=options.force, inputs=inputs, needed_bytes=needed) as staging:
         parents = describe_parents_in_background(  # hashing overlaps the merge
             [ParentInput(plan.base, "base")]
             + [ParentInput(item.ref, "adapter", item.weight) for item in plan.adapters],
@@ -272,7 +282,7 @@ def merge_adapters(base: str, adapters: list[str], output: str | os.PathLike,
                         produce=lambda spec, tensor: [(0, tensor.reshape(-1))],
                         held_bytes=lambda spec: spec.nbytes * (2 if spec.name in plan.changed else 1))
         with CheckpointWriter(staging, plan.specs, max_shard_bytes=options.max_shard_bytes, in_order=True,
-                              metadata={"mtool_operation": "adapter-merge"}) as writer:
+                              metadata=metadata) as writer:
             stream_tensors(stream, writer, limits=ADAPTER_MERGE_LIMITS, description="merge adapter")
         copy_support_files(plan.checkpoint.folder, staging, config=True, tokenizer=True)
         write_json(staging / "config.json", _output_config(plan, options))

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mtool.errors import CheckpointError, InputError
+from mtool.errors import CheckpointError, InputError, shown
 
 if TYPE_CHECKING:
     import torch
@@ -83,13 +83,14 @@ def dtype_to_safetensors(dtype: "torch.dtype") -> str:
     raise CheckpointError(f"dtype {dtype} cannot be stored in safetensors")
 
 
-def parse_dtype(name: str) -> "torch.dtype":
+def parse_dtype(name: str, where: str | None = None) -> "torch.dtype":
     """A dtype from a user's spelling: ``bfloat16``/``bf16``, ``float16``/``fp16``/``half``, ``float32``..."""
     key = str(name).lower().removeprefix("torch.")
     for entry in ELEMENT_TYPES:
         if key in entry.spellings:
             return _torch_dtype(entry)
-    raise InputError(f"unknown dtype {name!r}", fix="use one of bfloat16, float16, float32, float64")
+    raise InputError(f"unknown dtype {shown(name, 40)}", where=where or "dtype",
+                     fix="use one of bfloat16, float16, float32, float64")
 
 
 def dtype_label(dtype: "torch.dtype") -> str:

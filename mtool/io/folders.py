@@ -2,12 +2,20 @@
 
 :func:`atomic_output_dir` builds the output in a hidden sibling folder and renames it into place only when
 everything succeeded: an interrupted run leaves the target as it was, an existing target is replaced only with
-``force``, and a target that is, contains or lies inside an input is always refused.
+``force``, and a target that is, contains or lies inside an input is always refused. The hidden folder carries a
+lock file while it is written, so the next run into the same output removes those left by dead processes
+(:mod:`mtool.io.staging`).
+
+The disk is checked before and while writing: when the caller knows the output's size, the free space of the
+target's file system must hold it before anything is written; a read-only or unwritable folder, or a disk that
+fills up anyway, ends the command with a :class:`~mtool.errors.DiskError` naming the folder, the bytes needed
+(when known) and the bytes free, with the partial output removed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -16,7 +24,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtool.errors import OutputExistsError
+from mtool import ui
+from mtool.errors import DiskError, MtoolError, OutputExistsError
+from mtool.io.staging import WriterLock, partial_prefix, remove_stale_folders, retired_prefix
+from mtool.sizes import format_byte_size
 
 if TYPE_CHECKING:
     import torch
@@ -73,22 +84,36 @@ def _current_umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(target: str | os.PathLike, *, force: bool = False,
-                      inputs: Sequence[str | os.PathLike] = ()) -> Iterator[Path]:
+def atomic_output_dir(target: str | os.PathLike, *, force: bool = False, inputs: Sequence[str | os.PathLike] = (),
+                      needed_bytes: int | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; on success it becomes ``target`` in one rename.
 
     On any exception (Ctrl-C included) the temporary folder is removed and ``target`` is untouched.
-    With ``force`` an existing ``target`` is replaced, but only after the new one is complete.
+    With ``force`` an existing ``target`` is replaced, but only after the new one is complete. Stale build folders
+    of ``target`` left by dead processes are removed first. ``needed_bytes`` (the output's size, when known) is
+    checked against the free space before anything is written.
     """
     target = check_output_target(target, force=force, inputs=inputs)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    parent = target.parent
+    with disk_errors(parent, needed_bytes):
+        parent.mkdir(parents=True, exist_ok=True)
+        for leftover in remove_stale_folders(target):
+            ui.info(f"removed {leftover.path}, left by an interrupted run")
+        if needed_bytes is not None:
+            require_free_space(parent, needed_bytes)
+        staging = Path(tempfile.mkdtemp(prefix=partial_prefix(target), dir=parent))
+    lock = None
     try:
-        umask = _current_umask()
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private (0700); an output gets the usual mode
-        yield staging
-        _usual_file_modes(staging, umask)
+        with disk_errors(parent, needed_bytes):
+            lock = WriterLock(staging)
+            umask = _current_umask()
+            os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private (0700); an output gets the usual mode
+            yield staging
+            _usual_file_modes(staging, umask)
+            lock.release()
     except BaseException:
+        if lock is not None:
+            lock.release()
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if target.exists():
@@ -96,7 +121,7 @@ def atomic_output_dir(target: str | os.PathLike, *, force: bool = False,
             shutil.rmtree(staging, ignore_errors=True)
             raise OutputExistsError(f"the output {target} appeared while mtool was writing it",
                                     fix="pass --force to replace it")
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        retired = Path(tempfile.mkdtemp(prefix=retired_prefix(target), dir=parent))
         os.rename(target, retired / target.name)
         os.rename(staging, target)
         shutil.rmtree(retired, ignore_errors=True)
@@ -111,6 +136,113 @@ def _usual_file_modes(folder: Path, umask: int) -> None:
     for path in folder.rglob("*"):
         if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != usual:
             os.chmod(path, usual)
+
+
+# errno values that mean "this folder cannot take the output", and how each is told
+_DISK_ERRNOS = {errno.ENOSPC: "no space left", errno.EDQUOT: "disk quota exceeded", errno.EROFS: "read-only",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied"}
+# the same failures as libraries that wrap them report them (safetensors' Rust writer: "... StorageFull ...")
+_DISK_TEXTS = {"No space left": errno.ENOSPC, "StorageFull": errno.ENOSPC, "os error 28": errno.ENOSPC,
+               "Disk quota exceeded": errno.EDQUOT, "os error 122": errno.EDQUOT,
+               "Read-only file system": errno.EROFS, "os error 30": errno.EROFS}
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Free bytes on the file system of ``folder`` (or of its nearest existing parent, for a folder still to be
+    made), for an unprivileged user; None when it cannot be told."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def require_writable(folder: Path) -> None:
+    """Raise :class:`DiskError` when ``folder`` (or, for a folder still to be made, its nearest existing parent)
+    is on a read-only file system or not writable by this process (for commands that write only at the end)."""
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    try:
+        read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return
+    if read_only:
+        raise disk_error_of(OSError(errno.EROFS, "Read-only file system", str(folder)), folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise disk_error_of(PermissionError(errno.EACCES, "Permission denied", str(folder)), folder)
+
+
+def require_free_space(folder: Path, needed: int) -> None:
+    """Raise :class:`DiskError` unless the file system of ``folder`` has ``needed`` bytes free."""
+    free = free_bytes(folder)
+    if free is not None and free < needed:
+        raise DiskError(f"not enough free space for the output: it needs {format_byte_size(needed)}, "
+                        f"{format_byte_size(free)} are free", where=str(folder),
+                        fix="free some space or write the output to another disk")
+
+
+def disk_error_of(error: BaseException, folder: Path, needed: int | None = None) -> DiskError | None:
+    """The :class:`DiskError` that ``error`` amounts to (full disk, read-only or unwritable folder), else None."""
+    if isinstance(error, MtoolError):
+        return None
+    code = error.errno if isinstance(error, OSError) else None
+    if code in (errno.EACCES, errno.EPERM) and not _names_a_path_in(error, folder):
+        return None  # permission denied on something else (an input): not about the output
+    if code not in _DISK_ERRNOS and not isinstance(error, OSError):
+        text = str(error)[:2000]
+        code = next((value for marker, value in _DISK_TEXTS.items() if marker in text), None)
+    if code not in _DISK_ERRNOS:
+        return None
+    free = free_bytes(folder)
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        need = f"it needs {format_byte_size(needed)}, " if needed is not None else ""
+        have = f"{format_byte_size(free)} are free" if free is not None else "the free space is unknown"
+        return DiskError(f"the disk filled up while writing the output ({_DISK_ERRNOS[code]}): {need}{have}",
+                         where=str(folder), fix="free some space or write the output to another disk; nothing "
+                                                "was left behind")
+    if code == errno.EROFS:
+        return DiskError("cannot write the output: the folder is on a read-only file system", where=str(folder),
+                         fix="write the output to a writable folder")
+    return DiskError("cannot write the output: permission denied", where=str(folder),
+                     fix="write the output to a folder you may write to, or change its permissions")
+
+
+def _names_a_path_in(error: OSError, folder: Path) -> bool:
+    """Whether the error is about ``folder``, something inside it, or a folder above it being created."""
+    names = [Path(os.fsdecode(name)).absolute() for name in (error.filename, error.filename2) if name]
+    folder = folder.absolute()
+    return any(_is_within(name, folder) or _is_within(folder, name) for name in names)
+
+
+@contextlib.contextmanager
+def disk_errors(folder: Path, needed: int | None = None) -> Iterator[None]:
+    """Turn a full disk or an unwritable ``folder`` met inside the block into a :class:`DiskError`."""
+    try:
+        yield
+    except Exception as error:  # noqa: BLE001 - only the disk failures are translated; the rest passes as it is
+        translated = disk_error_of(error, folder, needed)
+        if translated is None:
+            raise
+        raise translated from None
+
+
+RECORD_ALLOWANCE = 256 * 1024  # the lineage record and the card, written last
+
+
+def support_files_bytes(source: str | os.PathLike, *, config: bool = True, tokenizer: bool = True) -> int:
+    """Bytes of the files :func:`copy_support_files` would copy from ``source`` (for the free-space check)."""
+    source = Path(source)
+    if source.is_file():
+        source = source.parent
+    wanted = (CONFIG_FILES if config else ()) + (TOKENIZER_FILES if tokenizer else ())
+    total = 0
+    for filename in wanted:
+        with contextlib.suppress(OSError):
+            total += (source / filename).stat().st_size
+    return total
 
 
 def copy_support_files(source: str | os.PathLike, destination: str | os.PathLike, *,
@@ -141,20 +273,15 @@ def set_config_dtype(config: dict[str, Any], dtype: "torch.dtype") -> dict[str, 
     return config
 
 
-def card_metadata(readme: Path) -> dict[str, Any]:
-    """A model card's metadata: the YAML mapping between the first two ``---`` lines of its README.md ({} when
-    the file, the block or a mapping in it is missing, or the YAML does not parse)."""
-    import yaml
+def card_metadata(readme: Path, *, max_bytes: int = 1 << 20) -> dict[str, Any]:
+    """A model card's metadata: the YAML mapping between the first two ``---`` lines of its README.md, read from
+    its first ``max_bytes`` within :mod:`mtool.safe_yaml`'s limits (a card is an input like any other); {} when the
+    file, the block or a mapping in it is missing or unreadable."""
+    from mtool.safe_yaml import markdown_front_matter
 
     try:
-        text = readme.read_text(encoding="utf-8", errors="replace")
+        with open(readme, "rb") as handle:
+            text = handle.read(max_bytes).decode("utf-8", errors="replace")
     except OSError:
         return {}
-    if not text.startswith("---"):
-        return {}
-    end = text.find("\n---", 3)
-    try:
-        data = yaml.safe_load(text[3:end]) if end > 0 else None
-    except yaml.YAMLError:
-        return {}
-    return data if isinstance(data, dict) else {}
+    return markdown_front_matter(text, source=str(readme))

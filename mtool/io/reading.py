@@ -21,23 +21,23 @@ the byte offsets that positioned reads and mappings need (``benchmarks/io_bench.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
-from mtool.errors import CheckpointError, UnsafeWeightsError
-from mtool.io.dtypes import dtype_from_safetensors, element_bits
+from mtool.errors import CheckpointError, UnsafeWeightsError, shown
+from mtool.io.dtypes import dtype_from_safetensors
+from mtool.io.header import REWRITE, header_length, parse_header
+from mtool.io.jsonfiles import read_json_object
 
 if TYPE_CHECKING:
     import torch
 
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -69,52 +69,26 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str
     """Parse and validate one safetensors file's header without reading tensor data.
 
     Returns ``(tensors, metadata)``. Raises :class:`CheckpointError` naming the file when the header is
-    unreadable, a tensor's byte range does not match its shape and dtype, or the file is shorter than
-    its header says (a truncated download).
+    unreadable or breaks a rule of :mod:`mtool.io.header` (offsets that overlap, leave gaps or do not match the
+    shape and dtype, an unknown dtype, negative sizes, metadata that is not a string map), or the file is shorter
+    than its header says (a truncated download).
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
+        if not stat.S_ISREG(path.stat().st_mode):  # a pipe or a device would block or never end
+            raise CheckpointError("not a regular file", where=str(path), fix="point at a .safetensors file")
         with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError("not a safetensors file: shorter than its 8-byte header length", where=str(path))
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise CheckpointError(
-                    f"corrupt or truncated safetensors file: header length {header_len} does not fit in "
-                    f"{size} bytes", where=str(path), fix="download or write the file again")
+            size = os.fstat(handle.fileno()).st_size
+            header_len = header_length(handle.read(8), size, where=str(path))
             raw = handle.read(header_len)
     except OSError as error:
-        raise CheckpointError(f"cannot read weight file: {error.strerror}", where=str(path)) from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError("corrupt safetensors file: its header is not valid JSON", where=str(path),
-                              fix="download or write the file again") from None
-    if not isinstance(header, dict):
-        raise CheckpointError("corrupt safetensors file: its header is not a JSON object", where=str(path))
-    metadata = header.pop("__metadata__", None) or {}
+        raise CheckpointError(f"cannot read weight file: {error.strerror or type(error).__name__}", where=str(path),
+                              fix="check the path and its permissions") from None
+    entries, metadata = parse_header(raw, size - 8 - header_len, where=str(path))
     data_start = 8 + header_len
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            dtype_name = entry["dtype"]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(v) for v in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"corrupt safetensors header entry for tensor {name!r}", where=str(path)) from None
-        bits = element_bits(dtype_name)
-        if bits is None or end - begin != (math.prod(shape) * bits + 7) // 8 or begin < 0:
-            raise CheckpointError(
-                f"corrupt safetensors header: tensor {name!r} ({dtype_name}, shape {list(shape)}) has "
-                f"byte range [{begin}, {end})", where=str(path), fix="download or write the file again")
-        if data_start + end > size:
-            raise CheckpointError(
-                f"truncated safetensors file: tensor {name!r} ends at byte {data_start + end} but the file "
-                f"has {size} bytes", where=str(path), fix="download or write the file again")
-        tensors[name] = TensorInfo(name, shape, dtype_name, path, data_start + begin, data_start + end)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    tensors = {entry.name: TensorInfo(entry.name, entry.shape, entry.dtype_name, path, data_start + entry.begin,
+                                      data_start + entry.end) for entry in entries}
+    return tensors, metadata
 
 
 def read_tensor(info: TensorInfo) -> "torch.Tensor":
@@ -133,7 +107,7 @@ def read_elements(info: TensorInfo, start: int, count: int) -> "torch.Tensor":
     buffer = memoryview(out.view(torch.uint8).numpy()).cast("B")
     begin = info.begin + start * out.element_size()
     if start < 0 or begin + nbytes > info.end:
-        raise CheckpointError(f"elements [{start}, {start + count}) are outside tensor {info.name!r}",
+        raise CheckpointError(f"elements [{start}, {start + count}) are outside tensor {shown(info.name)}",
                               where=str(info.file))
     fd = os.open(info.file, os.O_RDONLY)
     try:
@@ -141,8 +115,8 @@ def read_elements(info: TensorInfo, start: int, count: int) -> "torch.Tensor":
         while done < nbytes:
             got = os.preadv(fd, [buffer[done:]], begin + done)
             if got <= 0:
-                raise CheckpointError(f"unexpected end of file while reading tensor {info.name!r}",
-                                      where=str(info.file))
+                raise CheckpointError(f"the file ended while reading tensor {shown(info.name)} (it was truncated "
+                                      "after it was opened)", where=str(info.file), fix=REWRITE)
             done += got
     finally:
         os.close(fd)
@@ -198,7 +172,8 @@ class Checkpoint:
         try:
             return self.tensors[name]
         except KeyError:
-            raise CheckpointError(f"tensor {name!r} is not in the checkpoint", where=str(self.path)) from None
+            raise CheckpointError(f"tensor {shown(name)} is not in the checkpoint", where=str(self.path),
+                                  fix="check that the model has the expected architecture") from None
 
     def read(self, name: str) -> "torch.Tensor":
         """The tensor ``name``, read from disk now into memory the caller owns."""
@@ -219,14 +194,11 @@ class Checkpoint:
         return self.path if self.path.is_dir() else self.path.parent
 
     def read_json(self, filename: str) -> dict | None:
-        """A JSON file beside the weights (``config.json``, ``adapter_config.json``), or None if absent."""
+        """A JSON object beside the weights (``config.json``, ``adapter_config.json``), or None if absent."""
         candidate = self.folder / filename
         if not candidate.is_file():
             return None
-        try:
-            return json.loads(candidate.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CheckpointError(f"cannot parse {filename}: {error}", where=str(candidate)) from None
+        return read_json_object(candidate, what=filename)
 
     @property
     def is_adapter(self) -> bool:
@@ -235,19 +207,25 @@ class Checkpoint:
 
 def weight_files_of_folder(folder: Path) -> tuple[list[Path], Path | None]:
     """The safetensors files of a folder, following an index when one exists."""
+    files, index, _ = _weight_files(folder)
+    return files, index
+
+
+def _weight_files(folder: Path) -> tuple[list[Path], Path | None, dict[str, str] | None]:
+    """The safetensors files of a folder, its index and the index's weight map (None without an index)."""
     for stem in ("model", "adapter_model"):
         index = folder / f"{stem}{SAFETENSORS_INDEX_SUFFIX}"
         if index.is_file():
-            return _files_from_index(index), index
+            return _files_from_index(index)
         single = folder / f"{stem}.safetensors"
         if single.is_file():
-            return [single], None
+            return [single], None, None
     indexes = sorted(folder.glob(f"*{SAFETENSORS_INDEX_SUFFIX}"))
     if len(indexes) == 1:
-        return _files_from_index(indexes[0]), indexes[0]
+        return _files_from_index(indexes[0])
     files = sorted(folder.glob("*.safetensors"))
     if files:
-        return files, None
+        return files, None, None
     pickles = [f for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES or f.name.endswith(".bin.index.json")]
     if pickles:
         refuse_pickle(folder, pickles)
@@ -255,19 +233,49 @@ def weight_files_of_folder(folder: Path) -> tuple[list[Path], Path | None]:
                           fix="point at a Hugging Face model or PEFT adapter folder that has *.safetensors files")
 
 
-def _files_from_index(index: Path) -> list[Path]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"cannot parse the shard index: {error}", where=str(index)) from None
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index (tensor name -> shard file), every file checked to be a
+    ``.safetensors`` file named relative to the index's folder and staying inside it."""
+    data = read_json_object(index, what="shard index")
+    weight_map = data.get("weight_map")
+    fix = "restore the index from where the model came from"
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"the shard index's weight_map must map tensor names to file names, got "
+                              f"{shown(weight_map, 80)}", where=str(index), fix=fix)
+    for filename in set(weight_map.values()):
+        problem = shard_name_problem(filename)
+        if problem:
+            raise CheckpointError(f"the shard index names the file {shown(filename, 80)}, which {problem}",
+                                  where=str(index), fix=fix)
+    return weight_map
+
+
+def shard_name_problem(filename: str) -> str | None:
+    """Why ``filename`` cannot be a shard of the index's folder (None when it can): shards are ``.safetensors``
+    files named relative to the folder, never outside it (no absolute path, no ``..``)."""
+    parts = PurePosixPath(filename).parts
+    if not filename or "\0" in filename or "\\" in filename:
+        return "is not a file name"
+    if PurePosixPath(filename).is_absolute() or ".." in parts:
+        return "lies outside the model folder"
+    if not filename.endswith(".safetensors"):
+        return "is not a .safetensors file"
+    return None
+
+
+def _files_from_index(index: Path) -> tuple[list[Path], Path, dict[str, str]]:
+    weight_map = read_weight_map(index)
     files = []
     for filename in sorted(set(weight_map.values())):
         shard = index.parent / filename
         if not shard.is_file():
-            raise CheckpointError(f"shard {filename} named in the index is missing", where=str(index),
+            raise CheckpointError(f"shard {shown(filename, 80)} named in the index is missing", where=str(index),
                                   fix="download the missing shard or the whole folder again")
         files.append(shard)
-    return files
+    if not files:
+        raise CheckpointError("the shard index lists no tensors", where=str(index),
+                              fix="restore the index from where the model came from")
+    return files, index, weight_map
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -275,27 +283,40 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise CheckpointError("no such file or folder", where=str(path), fix="check the path")
-    index_file = None
+    index_file = weight_map = None
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             refuse_pickle(path, [path])
         files = [path]
+    elif path.is_dir():
+        files, index_file, weight_map = _weight_files(path)
     else:
-        files, index_file = weight_files_of_folder(path)
+        raise CheckpointError("not a file or a folder (a device, a pipe or a socket)", where=str(path),
+                              fix="point at a model folder or a .safetensors file")
     tensors: dict[str, TensorInfo] = {}
     metadata: dict[str, str] = {}
     for file in files:
         file_tensors, file_metadata = read_safetensors_header(file)
         for name in file_tensors:
             if name in tensors:
-                raise CheckpointError(f"tensor {name!r} appears in two shards ({tensors[name].file.name}, "
-                                      f"{file.name})", where=str(path))
+                raise CheckpointError(f"tensor {shown(name)} appears in two shards ({tensors[name].file.name}, "
+                                      f"{file.name})", where=str(path), fix="download or write the folder again")
         tensors.update(file_tensors)
         metadata = metadata or file_metadata
-    if index_file is not None:
-        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        missing = sorted(set(weight_map) - set(tensors))
-        if missing:
-            raise CheckpointError(f"{len(missing)} tensors named in the index are not in the shards, e.g. "
-                                  f"{missing[0]!r}", where=str(index_file))
+    if weight_map is not None:
+        _check_index(weight_map, tensors, index_file)
     return Checkpoint(path=path, tensors=tensors, weight_files=files, metadata=metadata, index_file=index_file)
+
+
+def _check_index(weight_map: dict[str, str], tensors: dict[str, TensorInfo], index: Path) -> None:
+    """Every tensor the index names is in the shard it names."""
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointError(f"{len(missing)} tensors named in the index are not in the shards, e.g. "
+                              f"{shown(missing[0])}", where=str(index), fix="download the folder again")
+    for name, filename in weight_map.items():
+        actual = tensors[name].file
+        if actual != index.parent / filename:
+            raise CheckpointError(f"the index puts tensor {shown(name)} in {shown(filename, 80)} but it is in "
+                                  f"{actual.name}", where=str(index), fix="restore the index from where the model "
+                                                                          "came from")

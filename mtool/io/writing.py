@@ -100,6 +100,19 @@ def safetensors_layout(specs: Sequence[TensorSpec], metadata: dict[str, str],
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+def planned_bytes(specs: Sequence[TensorSpec], *, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                  metadata: dict[str, str] | None = None, in_order: bool = False) -> int:
+    """The bytes :class:`CheckpointWriter` will write for ``specs`` (every shard, headers included, and an
+    allowance for the shard index), known before anything is written: for the free-space check."""
+    groups = plan_shards(specs, max_shard_bytes)
+    header_metadata = {"format": "pt", **(metadata or {})}
+    total = sum(len(safetensors_layout(group, header_metadata, keep_order=in_order)[0])
+                + sum(spec.nbytes for spec in group) for group in groups)
+    if len(groups) > 1:  # the index: a line per tensor
+        total += 200 + sum(len(spec.name) + 50 for spec in specs)
+    return total
+
+
 class CheckpointWriter:
     """Streams announced tensors straight into their places in safetensors shards.
 

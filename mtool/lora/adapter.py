@@ -27,12 +27,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtool.errors import InputError
+from mtool.errors import InputError, printable, shown
 from mtool.io.reading import Checkpoint, open_checkpoint
+from mtool.lora.config import AdapterSettings, pattern_value, read_adapter_config
 from mtool.lora.lowrank import dora_weight, lora_delta, lora_scale
 
 if TYPE_CHECKING:
@@ -56,63 +57,21 @@ UNSUPPORTED_VARIANTS: dict[str, str] = {
 }
 
 
-def pattern_value(patterns: dict[str, Any] | None, module: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` rule: the first key that, as a regex, matches the end of the
-    module name at a dot boundary (``re.match(rf"(.*\\.)?({key})$", module)``) gives the value."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
-@dataclass(frozen=True)
-class AdapterSettings:
-    """The parts of ``adapter_config.json`` that decide the merge."""
-
-    rank: int
-    alpha: float
-    use_rslora: bool = False
-    use_dora: bool = False
-    fan_in_fan_out: bool = False
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    modules_to_save: tuple[str, ...] = ()
-    target_modules: Any = None
-    trainable_token_indices: Any = None
-    base_model: str | None = None
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any], where: str) -> "AdapterSettings":
-        peft_type = str(config.get("peft_type") or "").upper()
-        if peft_type != "LORA":
-            shown = peft_type or "unknown (no peft_type)"
-            raise InputError(f"adapter type {shown} is not supported: mtool handles LoRA adapters (plain, rsLoRA, "
-                             "DoRA)", where=where, fix="merge this adapter with PEFT's merge_and_unload instead")
-        for key, description in UNSUPPORTED_VARIANTS.items():
-            if config.get(key):
-                raise InputError(f"this LoRA variant is not supported: {description} ({key} is set)", where=where)
-        rank = config.get("r", 8)
-        if not isinstance(rank, int) or rank <= 0:
-            raise InputError(f"adapter rank r = {rank!r} must be a positive integer", where=where)
-        return cls(
-            rank=rank,
-            alpha=float(config.get("lora_alpha", 8)),
-            use_rslora=bool(config.get("use_rslora")),
-            use_dora=bool(config.get("use_dora")),
-            fan_in_fan_out=bool(config.get("fan_in_fan_out")),
-            rank_pattern=dict(config.get("rank_pattern") or {}),
-            alpha_pattern=dict(config.get("alpha_pattern") or {}),
-            modules_to_save=tuple(config.get("modules_to_save") or ()),
-            target_modules=config.get("target_modules"),
-            trainable_token_indices=config.get("trainable_token_indices"),
-            base_model=config.get("base_model_name_or_path"),
-        )
-
-    def alpha_for(self, module: str) -> float:
-        return float(pattern_value(self.alpha_pattern, module, self.alpha))
-
-    def rank_for(self, module: str) -> int:
-        return int(pattern_value(self.rank_pattern, module, self.rank))
+def settings_from_config(config: dict[str, Any], where: str) -> AdapterSettings:
+    """The merge settings of a LoRA adapter's config; other PEFT types and LoRA variants whose merge is not
+    ``W + s B A`` (or DoRA) are refused, and every key that decides the merge is validated
+    (:mod:`mtool.lora.config`)."""
+    validated = read_adapter_config(config, where)
+    peft_type = (validated.peft_type or "").upper()
+    if peft_type != "LORA":
+        shown_type = printable(peft_type[:40]) if peft_type else "unknown (no peft_type)"
+        raise InputError(f"adapter type {shown_type} is not supported: mtool handles LoRA adapters (plain, rsLoRA, "
+                         "DoRA)", where=where, fix="merge this adapter with PEFT's merge_and_unload instead")
+    for key, description in UNSUPPORTED_VARIANTS.items():
+        if config.get(key):
+            raise InputError(f"this LoRA variant is not supported: {description} ({key} is set)", where=where,
+                             fix="merge this adapter with PEFT's merge_and_unload instead")
+    return AdapterSettings.from_file(validated, where)
 
 
 @dataclass(frozen=True)
@@ -174,7 +133,7 @@ class LoraAdapter:
                              fix="point at the folder PEFT's save_pretrained wrote")
         self.checkpoint: Checkpoint = open_checkpoint(self.folder)
         self.config: dict[str, Any] = self.checkpoint.read_json(ADAPTER_CONFIG) or {}
-        self.settings = AdapterSettings.from_config(self.config, str(config_path))
+        self.settings = settings_from_config(self.config, str(config_path))
         self.targets: dict[str, LoraModule] = {}
         self.replacements: dict[str, str] = {}
         self.token_rows: dict[str, TokenRows] = {}
@@ -192,8 +151,9 @@ class LoraAdapter:
         names = self.checkpoint.names
         for key in names:
             if not key.startswith(PEFT_PREFIX):
-                raise InputError(f"unexpected tensor {key!r} in a PEFT adapter (PEFT names start with "
-                                 f"{PEFT_PREFIX!r})", where=str(self.folder))
+                raise InputError(f"the tensor {shown(key)} is not a PEFT adapter's (PEFT names start with "
+                                 f"{PEFT_PREFIX!r})", where=str(self.folder),
+                                 fix="point at the folder PEFT's save_pretrained wrote")
         for key in names:
             name = key[len(PEFT_PREFIX):]
             match = _FACTOR_A.match(name)
@@ -201,7 +161,8 @@ class LoraAdapter:
                 self._add_module(key, match.group("module"), embedding=match.group("kind") == "lora_embedding_A")
             elif ".token_adapter.trainable_tokens_delta" in name:
                 module = name.split(".token_adapter.")[0]
-                self.token_rows[f"{module}.weight"] = TokenRows(f"{module}.weight", key, self._token_indices(module))
+                weight = f"{module}.weight"
+                self.token_rows[weight] = TokenRows(weight, key, self._token_indices(module, key))
             elif ".lora_" in name:
                 continue  # B factors, magnitudes and biases are found from their A factor
             else:  # a modules_to_save copy or a saved embedding layer: a full replacement of a base tensor
@@ -218,15 +179,26 @@ class LoraAdapter:
             raise InputError(f"LoRA on convolution layers is not supported ({key_a} has shape {list(info_a.shape)})",
                              where=str(self.folder))
         rank = info_a.shape[0]
+        where = str(self.folder)
         if info_b.shape[1] != rank:
-            raise InputError(f"LoRA factors of {module} disagree: A is {list(info_a.shape)}, B is {list(info_b.shape)}",
-                             where=str(self.folder))
+            raise InputError(f"LoRA factors of {shown(module)} disagree: A is {list(info_a.shape)}, B is "
+                             f"{list(info_b.shape)}", where=where, fix="write the adapter again with PEFT")
         if rank <= 0:
-            raise InputError(f"LoRA rank of {module} is {rank}", where=str(self.folder))
+            raise InputError(f"LoRA rank of {shown(module)} is {rank}", where=where, fix="write the adapter again")
+        configured = self.settings.rank_for(module)
+        if configured != rank:  # PEFT builds the layer with the configured rank and cannot load these factors
+            raise InputError(f"{ADAPTER_CONFIG} gives {shown(module)} rank {configured} (r / rank_pattern) but its "
+                             f"factors have rank {rank} (A is {list(info_a.shape)})", where=where,
+                             fix=f"restore the {ADAPTER_CONFIG} PEFT wrote with these weights")
         alpha = self.settings.alpha_for(module)
         prefix = f"{PEFT_PREFIX}{module}."
         magnitude = next((k for k in (f"{prefix}lora_magnitude_vector", f"{prefix}lora_magnitude_vector.weight")
                           if k in self.checkpoint), None)
+        if (magnitude is not None) != self.settings.use_dora:
+            state = "use_dora is true but" if self.settings.use_dora else "use_dora is false but"
+            found = "it has no DoRA magnitude vector" if magnitude is None else "it has a DoRA magnitude vector"
+            raise InputError(f"{ADAPTER_CONFIG} and the weights disagree about {shown(module)}: {state} {found}",
+                             where=where, fix=f"restore the {ADAPTER_CONFIG} PEFT wrote with these weights")
         bias = f"{prefix}lora_B.bias" if f"{prefix}lora_B.bias" in self.checkpoint else None
         self.targets[f"{module}.weight"] = LoraModule(
             module=module, key_a=key_a, key_b=key_b, rank=rank, alpha=alpha,
@@ -234,14 +206,19 @@ class LoraAdapter:
             transposed=embedding or self.settings.fan_in_fan_out, is_embedding=embedding,
             magnitude_key=magnitude, bias_key=bias)
 
-    def _token_indices(self, module: str) -> tuple[int, ...]:
+    def _token_indices(self, module: str, key: str) -> tuple[int, ...]:
         indices = self.settings.trainable_token_indices
         if isinstance(indices, dict):
-            indices = pattern_value(indices, module, None)
+            indices = pattern_value(indices, module, None, where=self.settings.where)
         if not isinstance(indices, list):
-            raise InputError(f"trainable tokens of {module} have no indices in {ADAPTER_CONFIG}",
-                             where=str(self.folder))
-        return tuple(int(i) for i in indices)
+            raise InputError(f"trainable tokens of {shown(module)} have no indices in {ADAPTER_CONFIG}",
+                             where=str(self.folder), fix=f"restore the {ADAPTER_CONFIG} PEFT wrote")
+        rows = self.checkpoint.info(key).shape
+        if not rows or rows[0] != len(indices):
+            raise InputError(f"{ADAPTER_CONFIG} lists {len(indices)} trainable tokens for {shown(module)} but the "
+                             f"adapter holds {rows[0] if rows else 0} rows", where=str(self.folder),
+                             fix=f"restore the {ADAPTER_CONFIG} PEFT wrote with these weights")
+        return tuple(indices)
 
     # -- what the adapter changes --------------------------------------------------------------------
 

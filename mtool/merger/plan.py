@@ -184,8 +184,8 @@ class _Planner:
         self.models = models
         self.diagnostics = diagnostics
         self.method = get_method(recipe.merge_method)
-        self.read_dtype = parse_dtype(recipe.dtype) if recipe.dtype else None
-        self.out_dtype = parse_dtype(recipe.out_dtype) if recipe.out_dtype else None
+        self.read_dtype = parse_dtype(recipe.dtype, where="the recipe's dtype") if recipe.dtype else None
+        self.out_dtype = parse_dtype(recipe.out_dtype, where="the recipe's out_dtype") if recipe.out_dtype else None
         self.math = recipe.mtool.math
         self.tensors: list[TensorPlan] = []
         self._ranges_noted: set[str] = set()
@@ -235,7 +235,8 @@ class _Planner:
             base = self._base_of(output_slice)
             models = [s.model for s in output_slice.sources]
             if len(set(models)) != len(models):
-                raise ConfigError("a model is listed twice in the same slice", where=where)
+                raise ConfigError("a model is listed twice in the same slice", where=where,
+                                  fix="list each model once (give it a larger weight instead)")
             if base is not None and self.method.base is not BasePolicy.IGNORED and base not in models:
                 raise ConfigError(f"the base model {base} is not among the slice's sources", where=where)
             self.method.check_inputs(len(models), base in models and base is not None, where=where)

@@ -6,8 +6,8 @@ vision-language model: ``models`` or ``slices`` and ``parameters``), plus an opt
 ``parameters`` (global; also per model / per source / per slice / per module), ``dtype`` (the precision inputs
 are read at), ``out_dtype``, ``tokenizer_source`` / ``tokenizer``, and ``chat_template``.
 
-Model references are strings ``path_or_hub_id[@revision][+adapter_path_or_hub_id]``: ``+`` applies a LoRA
-adapter to the model on the fly.
+Model references are strings ``path_or_hub_id[@revision][+adapter_path_or_hub_id]``
+(:mod:`mtool.merger.references`): ``+`` applies a LoRA adapter to the model on the fly.
 
 mergekit reads recipes leniently: keys it does not know are ignored. So does mtool, with a warning naming each
 one (an error with ``--strict``): :func:`parse_recipe` records them in :attr:`Recipe.ignored_keys`. The one
@@ -22,66 +22,13 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_serializer,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from mtool.errors import ConfigError
+from mtool.errors import ConfigError, printable, shown
+from mtool.merger.references import ModelReference, as_reference, reference_text
+from mtool.safe_yaml import load_yaml, read_text
 
 ParameterSetting = Any  # scalar | gradient list | [{filter, value}] (validated in params.py)
-
-
-class ModelReference(BaseModel):
-    """``model[@revision][+adapter]`` as written in a recipe."""
-
-    model_config = ConfigDict(frozen=True)
-
-    model: str
-    revision: str | None = None
-    adapter: str | None = None
-
-    @classmethod
-    def parse(cls, text: str) -> "ModelReference":
-        text = str(text).strip()
-        if not text:
-            raise ValueError("empty model reference")
-        model, _, adapter = text.partition("+")
-        revision = None
-        if "@" in model and not Path(model).exists():
-            model, _, revision = model.rpartition("@")
-        return cls(model=model, revision=revision or None, adapter=adapter or None)
-
-    @model_serializer
-    def _as_text(self) -> str:
-        return str(self)
-
-    def __str__(self) -> str:
-        text = self.model + (f"@{self.revision}" if self.revision else "")
-        return text + (f"+{self.adapter}" if self.adapter else "")
-
-
-def _reference(value: Any) -> ModelReference:
-    if isinstance(value, ModelReference):
-        return value
-    if isinstance(value, dict) and "model" in value:  # mergekit's expanded form {model: {path: ...}, lora: ...}
-        model = value["model"]
-        path = model.get("path") if isinstance(model, dict) else model
-        revision = model.get("revision") if isinstance(model, dict) else None
-        lora = value.get("lora")
-        adapter = lora.get("path") if isinstance(lora, dict) else lora
-        return ModelReference(model=str(path), revision=revision, adapter=adapter)
-    if not isinstance(value, str):
-        raise ValueError(f"a model reference must be a string, got {value!r}")
-    return ModelReference.parse(value)
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -92,7 +39,7 @@ class ModelEntry(_Strict):
     model: ModelReference
     parameters: dict[str, ParameterSetting] | None = None
 
-    _parse_model = field_validator("model", mode="before")(lambda cls, v: _reference(v))
+    _parse_model = field_validator("model", mode="before")(lambda cls, v: as_reference(v))
 
 
 class InputSlice(_Strict):
@@ -100,7 +47,7 @@ class InputSlice(_Strict):
     layer_range: tuple[int, int]
     parameters: dict[str, ParameterSetting] | None = None
 
-    _parse_model = field_validator("model", mode="before")(lambda cls, v: _reference(v))
+    _parse_model = field_validator("model", mode="before")(lambda cls, v: as_reference(v))
 
     @field_validator("layer_range")
     @classmethod
@@ -116,13 +63,14 @@ class OutputSlice(_Strict):
     parameters: dict[str, ParameterSetting] | None = None
     residual_weight: float | None = None
 
-    _parse_base = field_validator("base_model", mode="before")(lambda cls, v: None if v is None else _reference(v))
+    _parse_base = field_validator("base_model", mode="before")(lambda cls, v: None if v is None else as_reference(v))
 
     @model_validator(mode="after")
     def _same_length(self) -> "OutputSlice":
         lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
         if len(lengths) > 1:
-            raise ValueError(f"all sources of a slice must span the same number of layers, got {sorted(lengths)}")
+            raise ValueError("all sources of a slice must span the same number of layers, got "
+                             f"{shown(sorted(lengths))}")
         return self
 
 
@@ -140,7 +88,7 @@ class ModelToken(_Strict):
     token_id: int | None = None
     token: str | None = None
 
-    _parse_model = field_validator("model", mode="before")(lambda cls, v: _reference(v))
+    _parse_model = field_validator("model", mode="before")(lambda cls, v: as_reference(v))
 
     @model_validator(mode="after")
     def _one_of(self) -> "ModelToken":
@@ -161,13 +109,15 @@ class TokenSource(_Strict):
     def _parse_source(cls, value: Any) -> Any:
         if isinstance(value, dict) and "kind" in value:
             return value
-        return None if value is None else _reference(value)
+        return None if value is None else as_reference(value)
 
 
 class TokenizerSettings(_Strict):
     source: str = "union"  # "base", "union" or a model reference (mergekit's default is the union)
     tokens: dict[str, TokenSource] | None = None
     pad_to_multiple_of: int | None = Field(default=None, gt=0)
+
+    _check_source = field_validator("source")(lambda cls, v: reference_text(v, ("base", "union")))
 
 
 class ModuleDefinition(_Strict):
@@ -222,7 +172,9 @@ class Recipe(_Strict):
 
     _ignored: list[str] = PrivateAttr(default_factory=list)
 
-    _parse_base = field_validator("base_model", mode="before")(lambda cls, v: None if v is None else _reference(v))
+    _parse_base = field_validator("base_model", mode="before")(lambda cls, v: None if v is None else as_reference(v))
+    _check_tokenizer_source = field_validator("tokenizer_source")(
+        lambda cls, v: reference_text(v, ("base", "union")))
 
     @model_validator(mode="after")
     def _one_input_form(self) -> "Recipe":
@@ -330,40 +282,31 @@ def _line_of(node: yaml.Node | None, location: tuple) -> int | None:
     line = node.start_mark.line + 1 if node is not None else None
     for key in location:
         if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if getattr(k, "value", None) == key), None)
+            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == key), None)
+            match, marked = (pair[1], pair[0]) if pair else (None, None)  # a key's line is where the key is
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            match = node.value[key]
+            match = marked = node.value[key]
         else:
-            match = None
+            match = marked = None
         if match is None:
             break
         node = match
-        line = node.start_mark.line + 1
+        line = marked.start_mark.line + 1
     return line
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
-    """Read and validate a recipe file; every error names the file and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as error:
-        raise ConfigError(f"cannot read the recipe: {error.strerror}", where=str(path)) from None
-    return parse_recipe(text, source=str(path))
+    """Read and validate a recipe file; every error names the file and line. The YAML is read within
+    :mod:`mtool.safe_yaml`'s limits (size, depth, aliases, duplicate keys)."""
+    return parse_recipe(read_text(path, what="recipe"), source=str(path))
 
 
 def parse_recipe(text: str, *, source: str = "recipe") -> Recipe:
-    try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        where = f"{source}, line {mark.line + 1}" if mark else source
-        raise ConfigError(f"malformed YAML: {error.problem}", where=where) from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"malformed YAML: {error}", where=source) from None
+    document = load_yaml(text, source=source)
+    data, node = document.data, document.node
     if not isinstance(data, dict):
-        raise ConfigError("a recipe must be a YAML mapping with at least `merge_method`", where=source)
+        raise ConfigError("a recipe must be a YAML mapping with at least `merge_method`", where=source,
+                          fix="see recipes/merge/ for examples")
     ignored: list[str] = []
     data = _drop_ignored_keys(data, Recipe, "", ignored)
     try:
@@ -374,11 +317,12 @@ def parse_recipe(text: str, *, source: str = "recipe") -> Recipe:
         first = error.errors()[0]
         location = tuple(first["loc"])
         line = _line_of(node, location)
-        key = ".".join(str(part) for part in location) or "recipe"
-        message = first["msg"].removeprefix("Value error, ")
+        key = printable(".".join(str(part) for part in location)[:200]) or "recipe"
+        message = printable(first["msg"].removeprefix("Value error, "))[:300]
+        fix = "see docs/merge.md for the recipe format"
         if first["type"] == "extra_forbidden":
-            message = f"unknown key {location[-1]!r}"
+            message = f"unknown key {shown(location[-1], 60)}"
         elif first["type"] == "missing":
-            message = f"missing key {location[-1]!r}"
+            message = f"missing key {shown(location[-1], 60)}"
         where = f"{source}, line {line}" if line else source
-        raise ConfigError(f"{key}: {message}", where=where) from None
+        raise ConfigError(f"{key}: {message}", where=where, fix=fix) from None

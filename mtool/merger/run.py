@@ -24,9 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtool import ui
-from mtool.io.folders import atomic_output_dir, copy_support_files, set_config_dtype, write_json
+from mtool.io.folders import (
+    RECORD_ALLOWANCE,
+    atomic_output_dir,
+    copy_support_files,
+    set_config_dtype,
+    support_files_bytes,
+    write_json,
+)
 from mtool.io.hashing import FileHasher
-from mtool.io.writing import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec
+from mtool.io.writing import DEFAULT_SHARD_BYTES, CheckpointWriter, TensorSpec, planned_bytes
 from mtool.lineage import Lineage, ParentInput, describe_parents_in_background
 from mtool.merger.chunks import ChunkedTensor, ElementSource, InMemory, OnDisk
 from mtool.merger.layout import LM_HEAD
@@ -205,14 +212,18 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions, *
     inputs += [m.adapter_ref.path for m in plan.models.values() if m.adapter_ref is not None]
     specs = [TensorSpec(t.name, tuple(t.shape), t.out_dtype) for t in plan.tensors]
     started = time.perf_counter()
-    with atomic_output_dir(output, force=options.force, inputs=inputs) as staging:
+    metadata = {"mtool_merge_method": plan.method.name}
+    needed = planned_bytes(specs, max_shard_bytes=options.max_shard_bytes, metadata=metadata, in_order=True) \
+        + support_files_bytes(plan.config_model.checkpoint.folder, tokenizer=False) + RECORD_ALLOWANCE \
+        + (support_files_bytes(plan.tokenizer_model.checkpoint.folder, config=False) if plan.tokenizer_model else 0)
+    with atomic_output_dir(output, force=options.force, inputs=inputs, needed_bytes=needed) as staging:
         parents = describe_parents_in_background(_parents(plan), hasher)
         stream = Stream(jobs=plan.tensors, name=lambda tensor: tensor.name,
                         prepare=lambda tensor: read_inputs(plan, tensor),
                         produce=lambda tensor, values: merge_tensor(plan, tensor, values, options.seed, options.device),
                         held_bytes=input_bytes)
         with CheckpointWriter(staging, specs, max_shard_bytes=options.max_shard_bytes, in_order=True,
-                              metadata={"mtool_merge_method": plan.method.name}) as writer:
+                              metadata=metadata) as writer:
             stream_tensors(stream, writer, limits=MERGE_LIMITS, description=f"merge ({plan.method.name})")
         repairs = _write_support_files(plan, staging)
         record = Lineage(
@@ -224,10 +235,10 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions, *
                         "math": plan.settings.math, "num_hidden_layers": plan.num_layers,
                         **({"mtool_settings": plan.settings.differences()} if plan.settings.differences() else {}),
                         **({"config_repairs": repairs} if repairs else {}),
-                        **({"warnings": list(plan.diagnostics.messages)} if plan.diagnostics.messages else {}),
                         **options.record_extras},
             seed=options.seed if plan.method.random else None,
             parameter_count=sum(spec.numel for spec in specs),
+            warnings=list(plan.diagnostics.messages) or None,
         )
         for parent in record.parents:
             parent.id = options.parent_names.get(parent.path or "", parent.id)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtool.errors import ConfigError
+from mtool.errors import ConfigError, shown
 from mtool.merger.recipe import ModelReference, ModelToken, TokenSource, ZeroToken
 
 if TYPE_CHECKING:
@@ -157,8 +157,8 @@ def plan_vocabulary(plan: "MergePlan") -> VocabularyPlan:
         source = token_source.source
         model = source.model if isinstance(source, ModelToken) else source
         if isinstance(model, ModelReference) and model not in plan.models:
-            raise ConfigError(f"token {token!r}: source {model} is not one of the recipe's models",
-                              where="tokenizer.tokens")
+            raise ConfigError(f"token {shown(token, 60)}: source {shown(str(model), 80)} is not one of the recipe's "
+                              "models", where="tokenizer.tokens", fix="name a model the recipe merges")
     for tensor in plan.tensors:
         if tensor.vocabulary:
             tensor.shape = (size, *tensor.shape[1:])
@@ -246,20 +246,23 @@ def _explicit_row(vocabulary: VocabularyPlan, tensors: dict, token: str, index: 
         return torch.zeros(row_shape, dtype=dtype)
     model = source.model if isinstance(source, ModelToken) else source
     if model not in tensors:
-        raise ConfigError(f"token {token!r} takes its row from {model}, which is not an input of this tensor",
-                          where="tokenizer.tokens")
+        raise ConfigError(f"token {shown(token, 60)} takes its row from {shown(str(model), 80)}, which is not an "
+                          "input of this tensor", where="tokenizer.tokens", fix="name a model this slice merges")
     if isinstance(source, ModelToken):
         row_index = source.token_id
         if row_index is None:
             if source.token not in vocabulary.original[model]:
-                raise ConfigError(f"token {source.token!r} is not in {model}'s vocabulary", where="tokenizer.tokens")
+                raise ConfigError(f"token {shown(source.token, 60)} is not in {shown(str(model), 80)}'s vocabulary",
+                                  where="tokenizer.tokens", fix="choose a source model that has the token")
             row_index = vocabulary.original[model][source.token]
         if not 0 <= row_index < tensors[model].shape[0]:
-            raise ConfigError(f"token id {row_index} is out of range for {model}", where="tokenizer.tokens")
+            raise ConfigError(f"token id {row_index} is out of range for {shown(str(model), 80)}",
+                              where="tokenizer.tokens", fix="give an id below the model's vocabulary size")
         return tensors[model][row_index]
     row = vocabulary.permutations[model][index]
     if row < 0:
-        raise ConfigError(f"token {token!r} is not in {model}'s vocabulary", where="tokenizer.tokens")
+        raise ConfigError(f"token {shown(token, 60)} is not in {shown(str(model), 80)}'s vocabulary",
+                          where="tokenizer.tokens", fix="choose a source model that has the token")
     return tensors[model][row]
 
 

@@ -261,6 +261,9 @@ def render_body(content: CardContent) -> str:
         else:
             lines.append("No random seed: this operation is deterministic.")
         lines.append("")
+        if lineage.warnings:
+            lines += ["## Warnings", "", f"{lineage.tool} warned while making this model:", ""]
+            lines += [f"- {warning}" for warning in lineage.warnings] + [""]
         if lineage.dataset is not None:
             d = lineage.dataset
             lines += ["## Training data", ""] + _table({

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from mtool.errors import printable
+
 MODEL_DIR = click.Path(exists=True, file_okay=False)
 
 
@@ -41,7 +43,7 @@ def suggest(model_dir: str, label: str | None, version: str, method: str | None,
         click.echo(json.dumps({"name": suggestion.name.format(), "parts": suggestion.name.to_dict(),
                                "sources": suggestion.sources}, indent=2))
     else:
-        click.echo(suggestion.name.format())
+        click.echo(printable(suggestion.name.format()))
 
 
 @name.command()
@@ -54,14 +56,14 @@ def lint(text: str, model_dir: str | None, as_json: bool) -> None:
 
     report = lint_name(text, model_dir)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
-    else:
+        click.echo(json.dumps(report.to_dict(), indent=2))  # ASCII: JSON escapes what it cannot print
+    else:  # the findings quote the name: every line is escaped (control characters, bytes that are not UTF-8)
         for finding in report.findings:
-            click.echo(f"{finding.severity:7} {finding.rule:20} {finding.message}; fix: {finding.fix}")
+            click.echo(printable(f"{finding.severity:7} {finding.rule:20} {finding.message}; fix: {finding.fix}"))
         if report.suggestion:
-            click.echo(f"suggested name: {report.suggestion}")
+            click.echo(printable(f"suggested name: {report.suggestion}"))
         if not report.findings:
-            click.echo(f"{text}: ok")
+            click.echo(printable(f"{text}: ok"))
     if not report.ok:
         sys.exit(1)
 

@@ -7,13 +7,13 @@ no weights are loaded and nothing is downloaded.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mtool.errors import CheckpointError, InputError
 from mtool.io.folders import card_metadata
+from mtool.io.jsonfiles import read_json_object
 from mtool.lineage import Lineage, Parent, read_lineage
 from mtool.naming.family import BaseModelName, family_from_config, family_from_model_id, find_family, split_model_id
 from mtool.naming.methods import Method, canonical_method, method_of_record
@@ -44,15 +44,11 @@ def hub_id_of_path(path: str | None) -> str | None:
 
 
 def read_json(path: Path) -> dict | None:
-    """A JSON object file, None when absent; InputError when malformed."""
+    """A JSON object file (read with bounds: :mod:`mtool.io.jsonfiles`), None when absent; an InputError when it
+    is malformed or not an object."""
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot parse {path.name}: {error}", where=str(path),
-                         fix="repair or delete the file") from None
-    return data if isinstance(data, dict) else None
+    return read_json_object(path, what=path.name)
 
 
 @dataclass(frozen=True)

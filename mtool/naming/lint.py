@@ -107,7 +107,7 @@ def _method_against(parts: NameParts, facts: FolderFacts) -> list[Finding]:
 def lint_name(text: str, model: str | Path | FolderFacts | None = None) -> LintReport:
     """Every finding for ``text`` (and against ``model``, a folder or its facts), with a corrected name."""
     if not text or not text.strip():
-        raise InputError("empty name", fix="give the name to check")
+        raise InputError("empty name", where="the NAME argument", fix="give the name to check")
     decomposition = check_name(text)
     findings = list(decomposition.findings)
     parts = decomposition.parts

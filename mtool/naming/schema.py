@@ -76,7 +76,7 @@ def canonical_version(token: str) -> str | None:
     match = _VERSION_LIKE.fullmatch(token)
     if not match:
         return None
-    numbers = [int(n) for n in (match["a"] or match["b"]).split(".")]
+    numbers = [n.lstrip("0") or "0" for n in (match["a"] or match["b"]).split(".")]  # as text: any length
     return f"v{numbers[0]}.{numbers[1] if len(numbers) > 1 else 0}"
 
 
@@ -96,7 +96,7 @@ def canonical_size(token: str) -> str | None:
         smaller = {"B": "M", "T": "B"}[unit]
         scaled = float(value) * 1000
         value, unit = (f"{scaled:.0f}" if scaled >= 10 else f"{scaled:.1f}"), smaller
-    experts = f"{int(match['experts'])}x" if match["experts"] else ""
+    experts = f"{match['experts'].lstrip('0') or '0'}x" if match["experts"] else ""
     return f"{experts}{value}{unit}"
 
 

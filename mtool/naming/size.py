@@ -78,9 +78,11 @@ def parse_size(text: str) -> SizeParts | None:
     match = SIZE_PATTERN.fullmatch(text)
     if not match:
         return None
-    value = match["value"]
+    value, experts = match["value"], match["experts"] or "0"
+    if len(experts) > 9 or len(value) > 30:  # not a parameter count anyone writes (and beyond a float's range)
+        return None
     decimals = len(value.split(".")[1]) if "." in value else 0
-    return SizeParts(int(match["experts"] or 0), float(value), match["unit"], decimals)
+    return SizeParts(int(experts), float(value), match["unit"], decimals)
 
 
 def size_deviation(text: str, count: ParameterCount) -> float | None:

@@ -24,7 +24,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mtool.errors import ConfigError
+from mtool.errors import ConfigError, printable, shown
+from mtool.safe_yaml import load_yaml, load_yaml_file
 
 CONFIG_FILENAME = "train-config.yaml"
 
@@ -210,25 +211,21 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"cannot read {text!r}", where="--set", fix="write KEY=VALUE, e.g. --set lora.dropout=0.05")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+        value = load_yaml(raw, source="--set").data if raw.strip() else None
+    except ConfigError:  # not YAML (or beyond its limits): the text as it is
         value = raw
     return key.strip(), value
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The mapping in a YAML config file (an empty file is an empty mapping)."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise ConfigError(f"cannot read the config: {error.strerror}", where=str(path)) from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"the config is not valid YAML: {error}", where=str(path)) from None
+    """The mapping in a YAML config file (an empty file is an empty mapping), read within
+    :mod:`mtool.safe_yaml`'s limits (size, depth, aliases, duplicate keys)."""
+    data = load_yaml_file(path, what="config").data
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError("the config must be a mapping of keys to values", where=str(path))
+        raise ConfigError("the config must be a mapping of keys to values", where=str(path),
+                          fix="see recipes/train/ for examples")
     return data
 
 
@@ -250,14 +247,14 @@ def validate_config(data: dict[str, Any], *, where: str) -> TrainConfig:
         return TrainConfig.model_validate(data)
     except ValidationError as error:
         first = error.errors()[0]
-        key = ".".join(str(part) for part in first["loc"]) or "config"
-        message = first["msg"].removeprefix("Value error, ")
+        key = printable(".".join(str(part) for part in first["loc"])[:200]) or "config"
+        message = printable(first["msg"].removeprefix("Value error, "))[:300]
         if first["type"] == "extra_forbidden":
             message = "unknown key"
         elif first["type"] == "missing":
             message = "missing (required)"
         elif "input" in first and first["type"] not in ("value_error",):
-            message = f"{message} (got {first['input']!r})"
+            message = f"{message} (got {shown(first['input'])})"
         raise ConfigError(f"{key}: {message}", where=where,
                           fix="see docs/train.md for every key and its allowed values") from None
 

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mtool.errors import InputError
+from mtool.errors import InputError, printable
 from mtool.io.hashing import FileHasher
 from mtool.train.formats import ChatRenderer, Rendered, render_record
+from mtool.train.records import check_files
 
 if TYPE_CHECKING:
     import datasets
@@ -92,13 +93,15 @@ def load_records(source: DataSource, *, split: str = "train", key: str = "data.p
     if source.saved_folders:
         parts = [_load_saved(folder, split) for folder in source.saved_folders]
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    check_files(source.files, source.builder)  # every record an object, UTF-8: else the file and line
     try:
         return datasets.load_dataset(source.builder, data_files=[str(f) for f in source.files], split="train")
     except Exception as error:  # noqa: BLE001 - the builders raise many types for malformed files
         cause = error.__cause__ or error
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise InputError(f"cannot read the data: {first}", where=f"{key}: {', '.join(str(f) for f in source.files)}",
-                         fix="check that every line/row is well-formed") from None
+        raise InputError(f"the datasets library cannot read the data ({type(cause).__name__}): "
+                         f"{printable(first)[:200]}", where=f"{key}: {', '.join(str(f) for f in source.files)}",
+                         fix="check that every record has the same fields with the same types") from None
 
 
 def _load_saved(folder: Path, split: str) -> "datasets.Dataset":
@@ -160,8 +163,7 @@ def tokenize_rendered(tokenizer: Any, rendered: Rendered, seq_len: int) -> Token
 def _tokenize_record(record: Mapping[str, Any], index: int, *, tokenizer: Any, data_format: str, template: str | None,
                      seq_len: int, train_on_prompt: bool, where: str) -> dict[str, Any]:
     renderer = ChatRenderer(tokenizer, template)
-    rendered = render_record(record, data_format, renderer, train_on_prompt=train_on_prompt,
-                             where=f"{where}, example {index}")
+    rendered = render_record(record, data_format, renderer, train_on_prompt=train_on_prompt, where=where, index=index)
     example = tokenize_rendered(tokenizer, rendered, seq_len)
     return {"input_ids": example.input_ids, "labels": example.labels, "length": len(example.input_ids),
             "trained": example.trained, "cut": example.cut}

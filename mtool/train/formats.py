@@ -26,7 +26,8 @@ from typing import Any
 
 from mtool import chat_templates
 from mtool.chat_templates import BUILTIN_TEMPLATES
-from mtool.errors import ConfigError, InputError
+from mtool.errors import ConfigError, InputError, kind_of, printable, shown
+from mtool.train.records import RecordError
 
 FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
     # format -> alternative column sets that identify it (first match wins, in this order)
@@ -38,6 +39,14 @@ FORMAT_COLUMNS: dict[str, tuple[tuple[str, ...], ...]] = {
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                   "system": "system", "tool": "tool", "function_call": "assistant", "observation": "tool"}
 _MARKER = re.compile(r"<\|[A-Za-z0-9_]+\|>")
+
+
+class TemplateRefusal(InputError):
+    """The chat template raised an error for one conversation (reported with the record it came from)."""
+
+
+class FieldProblem(ValueError):
+    """A record's field that does not have the type of the data format (reported with the record)."""
 
 
 @dataclass(frozen=True)
@@ -114,8 +123,10 @@ class ChatRenderer:
             return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                       add_generation_prompt=generation_prompt)
         except TemplateError as error:
-            raise InputError(f"the chat template refused a conversation: {error}", where="data.chat_template",
-                             fix="check the roles and their order in the data, or choose another template") from None
+            raise TemplateRefusal(f"the chat template refused the conversation: {printable(str(error))[:200]}",
+                                  where="data.chat_template",
+                                  fix="check the roles and their order in the data, or choose another template") \
+                from None
 
     def conversation(self, messages: list[dict[str, str]], *, train_on_prompt: bool) -> Rendered:
         """The whole conversation, trained on each assistant turn (or on everything)."""
@@ -143,54 +154,92 @@ class ChatRenderer:
 # Records -> Rendered
 
 
-def normalize_messages(raw: Any, where: str) -> list[dict[str, str]]:
-    """``[{role, content}]`` from OpenAI-style messages or ShareGPT ``{from, value}`` turns."""
+def _text_field(record: Mapping[str, Any], key: str, problems: list[str]) -> str:
+    """``record[key]`` as text: a string, or empty when absent or null; anything else is noted in ``problems``."""
+    value = record.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        problems.append(f"the field {key!r} must be a string, got {kind_of(value)} ({shown(value, 40)})")
+        return ""
+    return value
+
+
+def normalize_messages(raw: Any, field_name: str = "messages") -> list[dict[str, str]]:
+    """``[{role, content}]`` from OpenAI-style messages or ShareGPT ``{from, value}`` turns; raises FieldProblem
+    saying what is wrong (the caller adds where)."""
     if not isinstance(raw, list) or not raw:
-        raise InputError("a conversation must be a non-empty list of messages", where=where)
+        raise FieldProblem(f"the field {field_name!r} must be a non-empty list of messages, got {kind_of(raw)}")
     messages = []
-    for turn in raw:
+    for number, turn in enumerate(raw, start=1):
         if not isinstance(turn, Mapping):
-            raise InputError(f"a message must be a mapping, got {type(turn).__name__}", where=where)
+            raise FieldProblem(f"message {number} of {field_name!r} must be an object, got {kind_of(turn)}")
         if "role" in turn:
             role, content = turn["role"], turn.get("content")
         elif "from" in turn:
-            role, content = SHAREGPT_ROLES.get(str(turn["from"]), str(turn["from"])), turn.get("value")
+            role, content = turn["from"], turn.get("value")
+            role = SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
         else:
-            raise InputError(f"a message needs role/content (or from/value), got keys {sorted(turn)}", where=where)
-        messages.append({"role": str(role), "content": "" if content is None else str(content)})
+            raise FieldProblem(f"message {number} of {field_name!r} needs role/content (or from/value), got keys "
+                             f"{shown(sorted(map(str, turn)), 60)}")
+        if not isinstance(role, str) or not (content is None or isinstance(content, str)):
+            raise FieldProblem(f"message {number} of {field_name!r} must have a string role and string content, got "
+                             f"{kind_of(role)} and {kind_of(content)}")
+        messages.append({"role": role, "content": content or ""})
     return messages
 
 
-def alpaca_messages(record: Mapping[str, Any]) -> list[dict[str, str]]:
+def alpaca_messages(record: Mapping[str, Any], problems: list[str] | None = None) -> list[dict[str, str]]:
     """system (optional), user = instruction [+ blank line + input], assistant = output."""
-    instruction = str(record.get("instruction") or "")
-    extra = record.get("input")
+    problems = [] if problems is None else problems
+    instruction, extra = _text_field(record, "instruction", problems), _text_field(record, "input", problems)
+    output, system = _text_field(record, "output", problems), _text_field(record, "system", problems)
     user = f"{instruction}\n\n{extra}" if extra else instruction
-    messages = [{"role": "system", "content": str(record["system"])}] if record.get("system") else []
-    return messages + [{"role": "user", "content": user},
-                       {"role": "assistant", "content": str(record.get("output") or "")}]
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def render_record(record: Mapping[str, Any], data_format: str, chat: ChatRenderer, *, train_on_prompt: bool,
-                  where: str) -> Rendered:
-    """One raw record as a :class:`Rendered` example."""
+def render_record(record: Any, data_format: str, chat: ChatRenderer, *, train_on_prompt: bool, where: str,
+                  index: int = 0) -> Rendered:
+    """One raw record as a :class:`Rendered` example; a record whose fields do not have the format's types (text
+    that is not a string, a message without a string role) raises :class:`RecordError` with its ``index``."""
+    if not isinstance(record, Mapping):
+        raise RecordError(f"a data record must be an object, got {kind_of(record)}", index=index, where=where)
+    problems: list[str] = []
+    try:
+        rendered = _render(record, data_format, chat, train_on_prompt, problems)
+    except FieldProblem as problem:
+        problems.append(str(problem))
+    except TemplateRefusal as refusal:
+        problems.append(refusal.what)
+    if problems:
+        raise RecordError(f"{data_format} data: {problems[0]}", index=index, where=where)
+    return rendered
+
+
+def _render(record: Mapping[str, Any], data_format: str, chat: ChatRenderer, train_on_prompt: bool,
+            problems: list[str]) -> Rendered:
     if data_format == "text":
-        text = str(record.get("text") or "")
+        text = _text_field(record, "text", problems)
         return Rendered(text, ((0, len(text)),))
     if data_format == "alpaca":
-        return chat.conversation(alpaca_messages(record), train_on_prompt=train_on_prompt)
+        messages = alpaca_messages(record, problems)
+        return Rendered("", ()) if problems else chat.conversation(messages, train_on_prompt=train_on_prompt)
     if data_format == "chat":
-        raw = record.get("messages") if record.get("messages") is not None else record.get("conversations")
-        return chat.conversation(normalize_messages(raw, where), train_on_prompt=train_on_prompt)
+        key = "messages" if record.get("messages") is not None else "conversations"
+        return chat.conversation(normalize_messages(record.get(key), key), train_on_prompt=train_on_prompt)
     if data_format == "prompt_completion":
         prompt, completion = record.get("prompt"), record.get("completion")
         if isinstance(prompt, list) or isinstance(completion, list):
-            prompt_messages = normalize_messages(prompt, where) if prompt else []
-            completion_messages = normalize_messages(completion if isinstance(completion, list)
-                                                     else [{"role": "assistant", "content": completion}], where)
+            prompt_messages = normalize_messages(prompt, "prompt") if prompt else []
+            if isinstance(completion, list):
+                completion_messages = normalize_messages(completion, "completion")
+            else:
+                completion_messages = [{"role": "assistant", "content": _text_field(record, "completion", problems)}]
             return chat.conversation(prompt_messages + completion_messages, train_on_prompt=train_on_prompt)
-        prompt, completion = str(prompt or ""), str(completion or "")
+        prompt, completion = _text_field(record, "prompt", problems), _text_field(record, "completion", problems)
         text = prompt + completion
         start = 0 if train_on_prompt else len(prompt)
         return Rendered(text, ((start, len(text)),))
-    raise ConfigError(f"unknown data format {data_format!r}", where="data.format")
+    raise ConfigError(f"unknown data format {shown(data_format, 40)}", where="data.format",
+                      fix="use auto, alpaca, chat, prompt_completion or text")

@@ -55,7 +55,8 @@ def load_base_model(path: str, settings: "ModelSettings", *, compute_dtype: "tor
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(dtype=compute_dtype, attn_implementation=settings.attention,
-                                  trust_remote_code=settings.trust_remote_code, revision=settings.revision)
+                                  trust_remote_code=settings.trust_remote_code, revision=settings.revision,
+                                  use_safetensors=True)  # never a pickle (the folder was checked before, too)
     quantization = quantization_config(settings, compute_dtype)
     if quantization is not None:
         kwargs["quantization_config"] = quantization

@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from mtool.hub import ModelRef
-from mtool.io.folders import atomic_output_dir
+from mtool.io.folders import RECORD_ALLOWANCE, atomic_output_dir, support_files_bytes
 from mtool.io.hashing import FileHasher
 from mtool.lineage import Dataset, Lineage, describe_parent
 from mtool.naming.finish import finish_output
+from mtool.reproducible import recorded_metrics, source_date_epoch
 from mtool.train.config import CONFIG_FILENAME, TrainConfig
 from mtool.train.data import DataStats
 from mtool.train.metrics import MetricsLog, plot_losses
@@ -41,24 +42,42 @@ def write_output(out: Path, model: Any, tokenizer: Any, facts: OutputFacts, metr
                  metrics_log: MetricsLog, *, force: bool, hasher: FileHasher) -> Path:
     """Write the adapter folder atomically (nothing appears at ``out`` unless all of it was written)."""
     config = facts.config
-    with atomic_output_dir(out, force=force, inputs=[facts.base.path]) as staging:
+    with atomic_output_dir(out, force=force, inputs=[facts.base.path], needed_bytes=output_bytes(model, facts.base)) \
+            as staging:
         model.save_pretrained(staging)
         _point_adapter_at_base(staging, facts.base)
         tokenizer.save_pretrained(staging)
         (staging / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
-        shutil.copyfile(metrics_log.path, staging / "metrics.jsonl")
-        plot_losses(metrics_log.rows(), staging / "loss.png", title=f"{Path(config.base).name} - {config.method}")
+        rows = metrics_log.rows()
+        if source_date_epoch() is None:
+            shutil.copyfile(metrics_log.path, staging / "metrics.jsonl")
+        else:  # reproducible: the losses, without the times and memory of this run (mtool.reproducible)
+            (staging / "metrics.jsonl").write_text("".join(json.dumps(recorded_metrics(row)) + "\n" for row in rows),
+                                                   encoding="utf-8")
+        plot_losses(rows, staging / "loss.png", title=f"{Path(config.base).name} - {config.method}")
         finish_output(staging, lineage_record(facts, model, metrics, hasher), hasher=hasher)
     return out
 
 
+def output_bytes(model: Any, base: ModelRef) -> int:
+    """What the adapter folder will take: the trainable tensors as saved (in their dtype), the tokenizer files,
+    and an allowance for the config, metrics, loss plot, record and card (for the free-space check)."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return trainable + support_files_bytes(base.path, config=False) + RECORD_ALLOWANCE + 512 * 1024
+
+
 def _point_adapter_at_base(folder: Path, base: ModelRef) -> None:
-    """``base_model_name_or_path``: the Hub id for a Hub base, else the local folder (not a cache path)."""
+    """``base_model_name_or_path``: the Hub id for a Hub base, else the local folder (not a cache path). PEFT writes
+    ``target_modules`` (and ``exclude_modules``) from a set, in an order that changes with Python's hash seed; they
+    are sorted here so that the file is the same on every run."""
     path = folder / "adapter_config.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     data["base_model_name_or_path"] = base.id if base.is_hub else str(Path(base.path).resolve())
     if base.revision:
         data["revision"] = base.revision
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(data.get(key), list):
+            data[key] = sorted(data[key])
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -94,7 +113,7 @@ def lineage_record(facts: OutputFacts, model: Any, metrics: dict[str, Any], hash
     return Lineage(operation="train", method=config.method,
                    parents=[describe_parent(facts.base, "base", hasher=hasher)], recipe=config.as_dict(),
                    parameters=parameters, seed=config.seed, dataset=dataset,
-                   parameter_count=trainable, metrics=metrics, is_adapter=True)
+                   parameter_count=trainable, metrics=recorded_metrics(metrics), is_adapter=True)
 
 
 def merge_into_base(base: ModelRef, adapter: Path, output: Path, *, force: bool, hasher: FileHasher) -> Path:

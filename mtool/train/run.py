@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mtool import ui
-from mtool.errors import CheckpointError, ConfigError, InputError, OutputExistsError
+from mtool.errors import ConfigError, InputError, OutputExistsError
 from mtool.hub import ModelRef, resolve_model
 from mtool.io.dtypes import dtype_label
-from mtool.io.folders import check_output_target
+from mtool.io.folders import check_output_target, require_free_space, require_writable
 from mtool.io.hashing import FileHasher
+from mtool.io.reading import open_checkpoint
 from mtool.lora.adapter import refuse_adapter
 from mtool.train.config import CONFIG_FILENAME, TrainConfig, read_config_file, resume_differences, validate_config
 from mtool.train.data import (
@@ -35,6 +36,7 @@ from mtool.train.distributed import Processes, barrier, join_processes, leave_pr
 from mtool.train.formats import check_columns, detect_format
 from mtool.train.loop import Loop, run_loop
 from mtool.train.metrics import MetricsLog, smoothed_final_loss
+from mtool.train.records import RecordError, locate
 from mtool.train.state import latest_checkpoint, load_checkpoint, read_progress
 
 if TYPE_CHECKING:
@@ -76,9 +78,13 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
            hasher: FileHasher) -> TrainResult | None:
     base = resolve_model(config.base, config.model.revision)
     refuse_adapter(base.path, what="a base model (base:)")
+    open_checkpoint(base.path)  # safetensors weights with sound headers, before transformers sees the folder: a
+    # folder of pickle weights (pytorch_model.bin) is refused here, as every other command refuses it
     out = Path(config.out)
     inputs = [base.path, *config.data.path, *config.data.eval_path]
     check_output_target(out, force=force, inputs=inputs)
+    require_writable(out.parent)  # before training, not after it
+    require_writable(config.checkpoint_dir.parent)
     if config.merge:
         check_output_target(config.merged_dir, force=force, inputs=inputs)
     resume_from = _checkpoint_to_resume(config, resume=resume, force=force, processes=processes)
@@ -137,6 +143,10 @@ def _build_loop(config: TrainConfig, base: ModelRef, tokenizer: Any, data: Prepa
 
     peft_model, liger = build_model(str(base.path), tokenizer, config.model, config.lora, device=processes.device,
                                     seed=config.seed)
+    if processes.is_main:  # the adapter's size is known now: refuse a disk that cannot take it, before training
+        from mtool.train.output import output_bytes
+
+        require_free_space(Path(config.out).parent, output_bytes(peft_model, base))
     optimizer = build_optimizer(trainable_parameters(peft_model), config.training, processes.device)
     compute_dtype = resolve_compute_dtype(config.model.compute_dtype, processes.device)
     scaler = torch.amp.GradScaler("cuda") if compute_dtype == torch.float16 and processes.device.type == "cuda" \
@@ -176,20 +186,25 @@ def _resume(loop: Loop, folder: Path) -> None:
 def _checkpoint_to_resume(config: TrainConfig, *, resume: bool, force: bool, processes: Processes) -> Path | None:
     """The checkpoint to continue from (``--resume``), after checking it belongs to this run's config."""
     directory = config.checkpoint_dir
+    newest = latest_checkpoint(directory)
     if not resume:
-        if directory.exists() and any(directory.iterdir()):
+        if newest is not None:
             if not force:
-                raise OutputExistsError(f"checkpoints of an earlier run exist in {directory}",
-                                        fix="pass --resume to continue that run, or --force to start over")
+                raise OutputExistsError(f"checkpoints of an earlier run exist in {directory} (the newest is "
+                                        f"{newest.name})", fix="pass --resume to continue that run, or --force to "
+                                                               "start over")
             barrier(processes)
             if processes.is_main:
                 shutil.rmtree(directory)
             barrier(processes)
+        elif directory.exists() and processes.is_main:  # an earlier run stopped before its first checkpoint
+            ui.info(f"no checkpoint in {directory}: an earlier run stopped before its first one; starting over")
         return None
-    newest = latest_checkpoint(directory)
     if newest is None:
-        raise CheckpointError(f"nothing to resume: no checkpoint in {directory}",
-                              fix="start without --resume (or point checkpoints.dir at the earlier run's folder)")
+        if processes.is_main:
+            ui.warn(f"--resume: there is no checkpoint in {directory} (the earlier run stopped before its first "
+                    "one, or never ran): starting from step 0")
+        return None
     saved = validate_config(read_config_file(newest / CONFIG_FILENAME), where=str(newest / CONFIG_FILENAME))
     differences = resume_differences(saved, config)
     if differences:
@@ -223,16 +238,19 @@ def prepare_data(config: TrainConfig, tokenizer: Any, *, hasher: FileHasher | No
     setup = prepare_tokenizer(tokenizer, chat_template=settings.chat_template, data_format=data_format,
                               add_tokens=settings.add_tokens)
 
-    def tokenized(dataset: "datasets.Dataset", digest: str, label: str):
+    def tokenized(dataset: "datasets.Dataset", digest: str, label: str, files: DataSource):
         fingerprint = data_fingerprint(digest, label, data_format, setup.template, settings.seq_len,
                                        settings.train_on_prompt, settings.max_examples,
                                        tokenizer.backend_tokenizer.to_str())
-        return tokenize_dataset(dataset, tokenizer, data_format=data_format, template=setup.template,
-                                seq_len=settings.seq_len, train_on_prompt=settings.train_on_prompt,
-                                fingerprint=fingerprint, where=label)
+        try:
+            return tokenize_dataset(dataset, tokenizer, data_format=data_format, template=setup.template,
+                                    seq_len=settings.seq_len, train_on_prompt=settings.train_on_prompt,
+                                    fingerprint=fingerprint, where=label)
+        except RecordError as error:  # name the file and line of the record
+            raise locate(error, files.files, files.builder) from None
 
     digest = source.sha256(hasher)
-    train_data = tokenized(records, digest, where)
+    train_data = tokenized(records, digest, where, source)
     if train_data.stats.kept == 0:
         raise_no_trainable(train_data.stats, where)
     eval_data = None
@@ -240,7 +258,8 @@ def prepare_data(config: TrainConfig, tokenizer: Any, *, hasher: FileHasher | No
     if settings.eval_path:
         eval_source = find_data(settings.eval_path, key="data.eval_path")
         eval_records = load_records(eval_source, split=settings.split, key="data.eval_path")
-        eval_data = tokenized(eval_records, eval_source.sha256(hasher), ", ".join(settings.eval_path)).dataset
+        eval_data = tokenized(eval_records, eval_source.sha256(hasher), ", ".join(settings.eval_path),
+                              eval_source).dataset
     elif settings.eval_fraction > 0:
         train_set, eval_data = split_for_eval(train_data, settings.eval_fraction, config.seed)
     return PreparedData(source, digest, data_format, setup.template, setup.added_tokens, train_set, eval_data,

@@ -23,12 +23,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Union
 
-from mtool.errors import ComputeError, ConfigError
+from mtool.errors import ComputeError, ConfigError, shown
 
 if TYPE_CHECKING:
     import torch
 
 ParameterValue = Union[float, int, bool, None]
+PARAMETER_FIX = "see the method's parameters and their ranges in docs/merge.md"
 
 
 class _Required:
@@ -81,9 +82,10 @@ class ParameterSpec:
             result = _adapter(self.kind).validate_python(value)
         except ValueError:
             kind = {bool: "true or false", int: "a whole number"}.get(self.kind, "a number")
-            raise ConfigError(f"parameter {self.name!r} must be {kind}, got {value!r}", where=where) from None
+            raise ConfigError(f"parameter {self.name!r} must be {kind}, got {shown(value, 60)}", where=where,
+                              fix=PARAMETER_FIX) from None
         if isinstance(result, float) and result != result:
-            raise ConfigError(f"parameter {self.name!r} is NaN", where=where)
+            raise ConfigError(f"parameter {self.name!r} is NaN", where=where, fix=PARAMETER_FIX)
         return result
 
     def outside_range(self, value: ParameterValue) -> str | None:
