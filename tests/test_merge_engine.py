@@ -265,3 +265,32 @@ def test_existing_output_needs_force(trio, tmp_path, run_cli) -> None:
     assert "--force" in run_cli("merge", recipe, tmp_path / "out", expect=3).output
     run_cli("-q", "merge", recipe, tmp_path / "out", "--force")
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_a_hidden_size_mismatch_is_not_blamed_on_the_tokenizer(tiny, tmp_path, run_cli) -> None:
+    narrow = tiny.model("llama", hidden_size=32, intermediate_size=64)
+    recipe = _write(tmp_path, f"merge_method: linear\nmodels:\n  - model: {tiny.model('llama')}\n"
+                              f"    parameters: {{weight: 1}}\n  - model: {narrow}\n    parameters: {{weight: 1}}\n"
+                              "tokenizer_source: base\n")
+    output = run_cli("merge", recipe, tmp_path / "out", expect=2).output
+    assert "shape mismatch for tensor 'model.embed_tokens.weight'" in output and "[384, 32]" in output
+    assert "tokenizer_source" not in output and "architecture" in output
+
+
+def test_misspelt_keys_are_named_with_their_line_and_the_key_they_resemble(trio, tmp_path, run_cli) -> None:
+    base, ft1, _ = trio
+    missing = _write(tmp_path, f"merge_methd: linear\nmodels:\n  - model: {ft1}\n")
+    output = run_cli("merge", missing, tmp_path / "out", expect=2).output
+    assert "missing key 'merge_method'" in output and "`merge_methd` is not a recipe key" in output
+    assert "line 1" in output and "did you mean `merge_method`?" in output
+    misplaced = tmp_path / "other.yaml"
+    misplaced.write_text(f"merge_method: linear\nmodles:\n  - model: {ft1}\n")
+    output = run_cli("merge", misplaced, tmp_path / "out", expect=2).output
+    assert "line 2" in output and "did you mean `models`?" in output
+    parameter = tmp_path / "parameter.yaml"
+    parameter.write_text(f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters:\n      weight: 1\n"
+                         f"  - model: {ft1}\n    parameters:\n      wieght: 1\n      weight: 1\n")
+    result = run_cli("merge", parameter, tmp_path / "out", "--dry-run")
+    assert "no parameter 'wieght'" in result.output and "line 8 (models[1].parameters.wieght)" in result.output
+    assert "did you mean `weight`?" in result.output
+    assert "line 8" in run_cli("merge", parameter, tmp_path / "out", "--strict", expect=2).output

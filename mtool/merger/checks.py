@@ -9,7 +9,7 @@ from typing import Any
 
 from mtool.merger.diagnostics import Diagnostics
 from mtool.merger.methods.base import BasePolicy, MergeMethod, Scope
-from mtool.merger.recipe import ModelReference, Recipe
+from mtool.merger.recipe import ModelReference, Recipe, resembling
 
 Block = tuple[str, "dict[str, Any] | None", "ModelReference | None", "ModelReference | None"]
 
@@ -37,14 +37,17 @@ def check_parameter_blocks(recipe: Recipe, method: MergeMethod, diagnostics: Dia
     for where, block, model, base in _blocks(recipe):
         for name in block or {}:
             spec = known.get(name)
+            located = recipe.where(f"{where}.{name}")
             if spec is None:
                 names = ", ".join(sorted(known)) or "none"
+                close = resembling(name, known)
                 diagnostics.ignored(f"merge method {method.name!r} has no parameter {name!r}; mergekit ignores it",
-                                    where=where, fix=f"its parameters are: {names}")
+                                    where=located, fix=f"did you mean `{close}`?" if close
+                                    else f"its parameters are: {names}")
             elif model is not None and spec.scope is Scope.SHARED:
                 diagnostics.ignored(f"merge method {method.name!r} reads {name!r} once per tensor, from the slice, "
                                     "module or global parameters; mergekit ignores it in a model's parameters",
-                                    where=where, fix=f"move {name!r} to the recipe's `parameters:`")
+                                    where=located, fix=f"move {name!r} to the recipe's `parameters:`")
             elif model is not None and uses_base and model == base and spec.scope is Scope.NON_BASE:
                 diagnostics.ignored(f"merge method {method.name!r} does not use {name!r} for the base model; "
-                                    "mergekit ignores it", where=where)
+                                    "mergekit ignores it", where=located)

@@ -38,7 +38,8 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
     """
     from mtool.errors import InputError
     from mtool.io.hashing import FileHasher
-    from mtool.merger.recipe import load_recipe, local_weight_files
+    from mtool.merger.recipe import local_weight_files, parse_recipe
+    from mtool.safe_yaml import read_text
 
     if out is None and not dry_run:
         raise click.UsageError("give OUT (the output folder), or --dry-run")
@@ -46,11 +47,12 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
 
     from mtool.merger.stages import is_multi_stage
 
-    if is_multi_stage(Path(recipe).read_text(encoding="utf-8")):
+    text = read_text(recipe, what="recipe")  # bounded: the file is read once, and never past its limit
+    if is_multi_stage(text):
         from mtool.merger.run import MergeOptions
         from mtool.merger.stages import parse_stages, run_stages
 
-        stages = parse_stages(Path(recipe).read_text(encoding="utf-8"), source=recipe)
+        stages = parse_stages(text, source=recipe)
         options = MergeOptions(seed=seed, device=device, max_shard_bytes=shard_size, force=force,
                                write_card=not no_card)
         run_stages(stages, Path(out or "."), options, strict=strict, dry_run=dry_run,
@@ -58,7 +60,7 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
         if not dry_run:
             info(f"done: {out}")
         return
-    parsed = load_recipe(recipe)
+    parsed = parse_recipe(text, source=recipe)
     hasher = FileHasher.default()
     if not dry_run:  # the lineage record needs the inputs' digests: hash them while torch loads and the plan is made
         hasher.start(local_weight_files(parsed))

@@ -26,7 +26,7 @@ class Diagnostics:
         """Report something the recipe says that changes nothing (mergekit ignores it too)."""
         if self.strict:
             raise ConfigError(what, where=where, fix=fix or "remove it (--strict refuses what mergekit ignores)")
-        self.note(f"{what} ({where})")
+        self.note(f"{what} ({where})" + (f"; {fix}" if fix else ""))
 
     def note(self, message: str) -> None:
         """A warning that is not an error even with ``--strict`` (printed once)."""

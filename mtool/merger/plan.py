@@ -267,11 +267,15 @@ class _Planner:
         shapes = [s.model.shape(s.tensor) for s in resolved]
         vocabulary = layer is None and layout.is_vocabulary_tensor(
             name, shapes[0], layout.vocabulary_size(resolved[0].model.config))
-        if len(set(shapes)) > 1 and not (vocabulary and self.recipe.tokenizer_choice):
+        rows_only = len({shape[1:] for shape in shapes}) == 1  # only the number of rows (tokens) differs
+        if len(set(shapes)) > 1 and not (vocabulary and rows_only and self.recipe.tokenizer_choice):
             listing = ", ".join(f"{s.model.label} {list(shape)}" for s, shape in zip(resolved, shapes))
-            hint = (" Set `tokenizer_source: base` (or union) to align vocabularies." if vocabulary else
-                    " Every model of a merge must have the same shapes.")
-            raise InputError(f"shape mismatch for tensor {name!r}: {listing}.{hint}")
+            if vocabulary and rows_only:
+                fix = "the vocabularies differ: set `tokenizer_source: base` (or union) to align them"
+            else:
+                fix = "the models differ in their architecture (hidden size, layers' widths): merge models of one " \
+                      "architecture and size"
+            raise InputError(f"shape mismatch for tensor {name!r}: {listing}", fix=fix)
         params, model_params = self._resolve(module, output_slice, name, input_names, models, base_index, t)
         working = precision.working_dtype(self.read_dtype,
                                           (s.model.dtype(s.tensor) for s in resolved))
@@ -330,7 +334,9 @@ def build_plan(recipe: Recipe, *, strict: bool = False) -> MergePlan:
     """Resolve the recipe's models, check everything, and list every output tensor."""
     diagnostics = Diagnostics(strict=strict)
     for key in recipe.ignored_keys:
-        diagnostics.ignored(f"recipe key {key!r} is not read (mergekit ignores it too)", where=key)
+        known = recipe.resembled_key(key)
+        diagnostics.ignored(f"recipe key {key!r} is not read (mergekit ignores it too)", where=recipe.where(key),
+                            fix=f"did you mean `{known}`?" if known else None)
     models = {reference: load_input(reference) for reference in recipe.referenced_models()}
     planner = _Planner(recipe, models, diagnostics)
     base = recipe.base_model

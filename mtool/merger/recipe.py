@@ -18,6 +18,7 @@ computes differently from mergekit, each off by default.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -170,7 +171,9 @@ class Recipe(_Strict):
     name: str | None = None  # a stage's name in a multi-stage recipe; mergekit ignores it elsewhere
     mtool: MtoolSettings = Field(default_factory=MtoolSettings)
 
-    _ignored: list[str] = PrivateAttr(default_factory=list)
+    _ignored: dict[str, str | None] = PrivateAttr(default_factory=dict)  # key path -> the known key it resembles
+    _lines: dict[str, int] = PrivateAttr(default_factory=dict)  # key path -> its line in the file
+    _source: str = PrivateAttr(default="recipe")
 
     _parse_base = field_validator("base_model", mode="before")(lambda cls, v: None if v is None else as_reference(v))
     _check_tokenizer_source = field_validator("tokenizer_source")(
@@ -188,6 +191,15 @@ class Recipe(_Strict):
     def ignored_keys(self) -> list[str]:
         """Keys of the recipe file that mergekit and mtool do not read (``slices[0].foo``)."""
         return list(self._ignored)
+
+    def resembled_key(self, path: str) -> str | None:
+        """The recipe key an ignored key resembles (``merge_methd`` -> ``merge_method``), if any."""
+        return self._ignored.get(path)
+
+    def where(self, path: str) -> str:
+        """``file, line N`` of the key at ``path`` (``models[0].parameters.weight``), else just the file."""
+        line = self._lines.get(path)
+        return f"{self._source}, line {line} ({path})" if line else f"{self._source} ({path})"
 
     @property
     def tokenizer_choice(self) -> str | None:
@@ -235,15 +247,29 @@ _CHILDREN: dict[type[BaseModel], dict[str, tuple[str, type[BaseModel]]]] = {
 }
 
 
-def _drop_ignored_keys(data: Any, model: type[BaseModel], path: str, ignored: list[str]) -> Any:
-    """``data`` without the keys ``model`` does not have (their paths appended to ``ignored``), recursively."""
+def resembling(key: object, known: Iterable[str]) -> str | None:
+    """The one of ``known`` that ``key`` is most likely a misspelling of, if any: one with the same letters in
+    another order first (``modles`` -> ``models``, not ``modules``), else the closest by difflib's ratio."""
+    import difflib
+
+    known = list(known)
+    swapped = [name for name in known if sorted(name) == sorted(str(key))]
+    if swapped:
+        return swapped[0]
+    matches = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+    return matches[0] if matches else None
+
+
+def _drop_ignored_keys(data: Any, model: type[BaseModel], path: str, ignored: dict[str, str | None]) -> Any:
+    """``data`` without the keys ``model`` does not have (their paths, with the known key each resembles, put in
+    ``ignored``), recursively."""
     if not isinstance(data, dict):
         return data
     known = set(model.model_fields)
     kept = {}
     for key, value in data.items():
         if key not in known:
-            ignored.append(f"{path}{key}" if path else str(key))
+            ignored[f"{path}{key}" if path else str(key)] = resembling(key, known)
             continue
         child = _CHILDREN.get(model, {}).get(key)
         if child is not None and value is not None:
@@ -277,6 +303,20 @@ def local_weight_files(recipe: Recipe) -> list[Path]:
     return files
 
 
+def _key_lines(node: yaml.Node | None, path: str = "") -> dict[str, int]:
+    """Every key path of a YAML document (``models[0].parameters.weight``) with its 1-based line."""
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            name = f"{path}{getattr(key, 'value', key)}"
+            lines[name] = key.start_mark.line + 1
+            lines.update(_key_lines(value, f"{name}."))
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines.update(_key_lines(item, f"{path.removesuffix('.')}[{index}]."))
+    return lines
+
+
 def _line_of(node: yaml.Node | None, location: tuple) -> int | None:
     """The 1-based line of the YAML node at a pydantic error location, or of its nearest existing parent."""
     line = node.start_mark.line + 1 if node is not None else None
@@ -307,11 +347,12 @@ def parse_recipe(text: str, *, source: str = "recipe") -> Recipe:
     if not isinstance(data, dict):
         raise ConfigError("a recipe must be a YAML mapping with at least `merge_method`", where=source,
                           fix="see recipes/merge/ for examples")
-    ignored: list[str] = []
+    ignored: dict[str, str | None] = {}
     data = _drop_ignored_keys(data, Recipe, "", ignored)
+    lines = _key_lines(node)
     try:
         recipe = Recipe.model_validate(data)
-        recipe._ignored = ignored
+        recipe._ignored, recipe._lines, recipe._source = ignored, lines, source
         return recipe
     except ValidationError as error:
         first = error.errors()[0]
@@ -324,5 +365,10 @@ def parse_recipe(text: str, *, source: str = "recipe") -> Recipe:
             message = f"unknown key {shown(location[-1], 60)}"
         elif first["type"] == "missing":
             message = f"missing key {shown(location[-1], 60)}"
+        typo = next(((path, known) for path, known in ignored.items() if known), None)
+        if typo is not None and first["type"] in ("missing", "value_error"):  # what is missing is likely misspelt
+            path, known = typo
+            message += f"; `{printable(path)[:60]}` is not a recipe key"
+            fix, line = f"did you mean `{known}`?", lines.get(path, line)
         where = f"{source}, line {line}" if line else source
         raise ConfigError(f"{key}: {message}", where=where, fix=fix) from None

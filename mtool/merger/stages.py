@@ -23,6 +23,7 @@ import yaml
 from mtool import ui
 from mtool.errors import ConfigError, OutputExistsError
 from mtool.merger.recipe import Recipe, parse_recipe
+from mtool.safe_yaml import load_yaml
 
 _SEPARATOR = re.compile(r"^---\s*$", re.MULTILINE)
 _REFERENCE_KEYS = ("model", "base_model", "tokenizer_source", "source")
@@ -45,13 +46,18 @@ def _documents(text: str) -> list[tuple[int, str]]:
         last = match.end()
     pieces.append(text[last:])
     starts.append(text.count("\n", 0, last) + 1)
-    return [(start, piece) for start, piece in zip(starts, pieces) if yaml.safe_load(piece) is not None]
+    return [(start, piece) for start, piece in zip(starts, pieces) if _data(piece) is not None]
+
+
+def _data(text: str, source: str = "recipe") -> Any:
+    """A document's data, read within :mod:`mtool.safe_yaml`'s limits."""
+    return load_yaml(text, source=source).data
 
 
 def is_multi_stage(text: str) -> bool:
     try:
         return len(_documents(text)) > 1
-    except yaml.YAMLError:
+    except ConfigError:
         return False
 
 
@@ -80,7 +86,7 @@ def parse_stages(text: str, *, source: str) -> list[Stage]:
     documents = _documents(text)
     stages = []
     for line, document in documents:
-        recipe = parse_recipe(document, source=f"{source}, document starting at line {line}")
+        recipe = parse_recipe("\n" * (line - 1) + document, source=source)  # padded: lines count in the file
         stages.append(Stage(recipe.name, document, recipe, set()))
     names = [stage.name for stage in stages if stage.name]
     if len(set(names)) != len(names):
@@ -89,7 +95,7 @@ def parse_stages(text: str, *, source: str) -> list[Stage]:
         raise ConfigError("more than one stage has no name", where=source,
                           fix="name every stage but the final one (the result)")
     for stage in stages:
-        _rewrite(yaml.safe_load(stage.text), set(names) - {stage.name}, {}, stage.needs)
+        _rewrite(_data(stage.text, source), set(names) - {stage.name}, {}, stage.needs)
     ordered, done = [], set()
     while len(ordered) < len(stages):
         ready = [s for s in stages if s not in ordered and s.needs <= done]
@@ -133,7 +139,7 @@ def run_stages(stages: list[Stage], out: Path, options, *, intermediate_dir: Pat
     try:
         for index, stage in enumerate(stages):
             final = index == len(stages) - 1
-            data = _rewrite(yaml.safe_load(stage.text), names - {stage.name}, folders, set())
+            data = _rewrite(_data(stage.text), names - {stage.name}, folders, set())
             recipe = parse_recipe(yaml.safe_dump(data, sort_keys=False), source=f"stage {stage.name or '(result)'}")
             target = out if final else folders[stage.name]
             records.append({"name": stage.name, "recipe": recipe.canonical(),

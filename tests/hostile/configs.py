@@ -118,7 +118,10 @@ RECIPES: dict[str, tuple[str | bytes, int | None]] = {
                              + "1" * 10_000 + "}\n", 4),
     "impossible-date": ("merge_method: linear\nname: 2024-13-45\nmodels:\n  - model: {base}\n", 2),
     "python-object-tag": ("merge_method: !!python/object/apply:os.system ['touch /tmp/pwned']\nmodels: []\n", 1),
-    "two-documents": ("merge_method: linear\n---\nmerge_method: ties\n", 2),
+    # several documents are stages of a multi-stage recipe (mergekit-multi): the first invalid one is named
+    "two-documents": ("merge_method: linear\n---\nmerge_method: ties\n", 1),
+    "two-documents-second-bad": ("merge_method: linear\nmodels:\n  - model: {base}\n---\nmerge_method: ties\n"
+                                 "models: 7\n", 6),
     "top-level-list": ("- merge_method: linear\n", None),
     "empty-file": ("", None),
     "only-a-comment": ("# nothing here\n", None),
