@@ -63,10 +63,11 @@ class TinySpec:
     tokenizer: str = "bpe"  # one of TOKENIZERS
 
 
-def build_tokenizer(vocab_size: int = 384, corpus: "Sequence[str] | None" = None):
+def build_tokenizer(vocab_size: int = 384, corpus: "Sequence[str] | None" = None, *, pre_tokenizer=None):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a built-in corpus, with a chat template.
 
     ``corpus`` (lines of text) replaces the built-in corpus, e.g. so that a task's words become single tokens.
+    ``pre_tokenizer`` replaces GPT-2's (``ByteLevel`` without a prefix space), e.g. Llama 3's regex split.
     Deterministic: the same vocabulary for the same corpus. Special tokens: ``<s>`` (bos), ``</s>`` (eos),
     ``<pad>`` (pad, distinct from eos), ``<unk>`` and the chat role markers.
     """
@@ -74,7 +75,7 @@ def build_tokenizer(vocab_size: int = 384, corpus: "Sequence[str] | None" = None
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -150,13 +151,15 @@ def tokenizer_for(spec: TinySpec, corpus: "Sequence[str] | None" = None):
 
 
 def _rope_parameters(spec: TinySpec, theta: float = 10000.0) -> dict:
-    """RoPE settings of a preset: scaling factor 2 (llama3: 4) from an original context of 64 tokens."""
+    """RoPE settings of a preset: linear factor 2; llama3 factor 4 and YaRN from an original context of 64 tokens
+    to the model's."""
     presets = {
         "default": {"rope_type": "default"},
         "linear": {"rope_type": "linear", "factor": 2.0},
         "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                    "original_max_position_embeddings": 64},
-        "yarn": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64},
+        "yarn": {"rope_type": "yarn", "factor": spec.max_position_embeddings / 64,
+                 "original_max_position_embeddings": 64},
     }
     if spec.rope not in presets:
         raise ValueError(f"unknown RoPE preset {spec.rope!r}; choose one of {ROPE_PRESETS}")

@@ -27,7 +27,10 @@ differ per vocabulary kind.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,17 @@ class Vocabulary:
     def description(self) -> str:
         kind = "byte-level BPE" if self.model == "gpt2" else "SentencePiece-style BPE"
         return f"{kind} ({self.model}, pre-tokenizer {self.pre}), {len(self.tokens)} tokens"
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _steps(component: dict | None, list_key: str) -> list[dict]:
@@ -173,7 +187,8 @@ def read_vocabulary(folder: Path, rows: int, *, pre: str | None = None) -> Vocab
         tokens.append(token)
         types.append(int(kind))
         scores.append(score)
-    special = gguf.SpecialVocab(folder, load_merges=not spm, n_vocab=rows)
+    with _quiet_logger("gguf.vocab"):  # its guesses about BOS/EOS from the post-processor; decided below instead
+        special = gguf.SpecialVocab(folder, load_merges=not spm, n_vocab=rows)
     special.chat_template = tokenizer.chat_template or special.chat_template
     with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]
     without = tokenizer("a", add_special_tokens=False)["input_ids"]
