@@ -19,6 +19,7 @@ from mtool.export.gguf_export import GGUFExportOptions, export_gguf
 from mtool.io.reading import open_checkpoint
 from mtool.lineage import read_lineage
 from mtool.naming.lint import lint_name
+from tests.support.publishable import NAME, licensed_merge
 
 
 def _fields(path: Path) -> dict[str, object]:
@@ -41,46 +42,10 @@ def _readme_license(folder: Path, license_id: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def merged(tmp_path_factory, run_cli_module) -> Path:
-    """A TIES merge of two fine-tunes of a tiny Llama, every input apache-2.0, made with relative paths."""
-    from mtool.tinymodels import TinySpec, make_tiny_finetune, make_tiny_model
-
-    root = tmp_path_factory.mktemp("gguf-merge")
-    make_tiny_model(root / "base", TinySpec(), license="apache-2.0")
-    for seed, name in ((1, "Alpha"), (2, "Beta")):
-        make_tiny_finetune(root / "base", root / name, seed=seed)
-        _readme_license(root / name, "apache-2.0")
-    recipe = root / "ties.yaml"
-    recipe.write_text("merge_method: ties\nbase_model: base\nmodels:\n"
-                      "  - model: Alpha\n    parameters: {weight: 1.0, density: 0.5}\n"
-                      "  - model: Beta\n    parameters: {weight: 1.0, density: 0.5}\ndtype: float32\n")
-    run_cli_module(root, "-q", "merge", "ties.yaml", "merged")
-    return root / "merged"
+def merged(tmp_path_factory) -> Path:
+    return licensed_merge(tmp_path_factory.mktemp("gguf-merge"))
 
 
-@pytest.fixture(scope="module")
-def run_cli_module():
-    """The CLI in-process, from a working directory (for relative model paths)."""
-    import os
-
-    from click.testing import CliRunner
-
-    from mtool.cli import main
-
-    def invoke(cwd: Path, *args: str, expect: int = 0):
-        here = os.getcwd()
-        os.chdir(cwd)
-        try:
-            result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-        finally:
-            os.chdir(here)
-        assert result.exit_code == expect, result.output
-        return result
-
-    return invoke
-
-
-NAME = "Llama-123K-AlphaBeta-TIES-v1.0"
 
 
 def test_files_are_named_by_the_schema_and_the_gguf_convention(merged: Path, tmp_path: Path, run_cli) -> None:

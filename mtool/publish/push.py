@@ -168,7 +168,8 @@ def _hub_error(error: Exception, endpoint: str) -> MtoolError:
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if isinstance(error, OfflineModeIsEnabled):
-        return MtoolError("huggingface_hub is in offline mode (HF_HUB_OFFLINE is set)", fix="unset HF_HUB_OFFLINE")
+        return MtoolError("huggingface_hub is in offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE is set)",
+                          fix="unset HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE for the upload")
     if isinstance(error, HfHubHTTPError):
         status = error.response.status_code if error.response is not None else None
         message = str(error).strip().splitlines()[0]
