@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MODELFILE = "Modelfile"  # the file name ``ollama create NAME -f Modelfile`` reads
 _SENTINEL = {"system": "MTOOLSYSTEMTEXT", "user": "MTOOLUSERTEXT", "assistant": "MTOOLASSISTANTTEXT"}
 _CHECK = [("system", "You are brief."), ("user", "Hi there"), ("assistant", "Hello!"), ("user", "2+2?"),
           ("assistant", "4")]

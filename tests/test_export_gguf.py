@@ -286,7 +286,9 @@ def test_the_card_lists_the_files_and_how_to_run_them(merged: Path, tmp_path: Pa
         assert record.outputs[file] in card.text
     assert f"llama-cli -hf someone/{NAME}-GGUF:Q8_0" in card.text
     assert f"ollama run hf.co/someone/{NAME}-GGUF:Q8_0" in card.text
-    assert f"FROM ./{NAME}-Q8_0.gguf" in card.text and 'PARAMETER stop "<|end|>"' in card.text
+    modelfile = (out / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{NAME}-Q8_0.gguf\nTEMPLATE") and 'PARAMETER stop "<|end|>"' in modelfile
+    assert modelfile.rstrip() in card.text
     assert '{{ else if eq .Role "user" }}<|user|>\n{{ .Content }}<|end|>\n' in card.text
     assert "is `merged` as GGUF files (Q8_0, Q4_0)" in card.text
 

@@ -73,7 +73,7 @@ def test_a_name_without_owner_goes_to_the_tokens_namespace(publishable: Path, tm
     with LocalHub(TOKEN) as hub:
         result = _mtool("push", str(publishable), f"{NAME}-GGUF", endpoint=hub.endpoint, home=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert hub.state.repos[REPO]["visibility"] == "public" and len(hub.state.repos[REPO]["files"]) == 3
+    assert hub.state.repos[REPO]["visibility"] == "public" and len(hub.state.repos[REPO]["files"]) == 4
 
 
 def test_dry_run_prints_the_files_and_the_card_metadata_and_sends_nothing(publishable: Path, tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ def test_dry_run_prints_the_files_and_the_card_metadata_and_sends_nothing(publis
     assert result.returncode == 0, result.stderr
     assert hub.state.requests == []
     size = (publishable / f"{NAME}-Q8_0.gguf").stat().st_size
-    assert "would upload 3 files" in result.stdout and f"{size:,}  {NAME}-Q8_0.gguf" in result.stdout
+    assert "would upload 4 files" in result.stdout and f"{size:,}  {NAME}-Q8_0.gguf" in result.stdout
     assert "license: apache-2.0" in result.stdout and "library_name: gguf" in result.stdout
     assert f"model_name: {NAME}-GGUF" in result.stdout
 

@@ -14,8 +14,9 @@ The steps, all on the inputs' headers and small files until the stream starts:
    and how to run them.
 
 The output is a folder (``<Name>-GGUF``: the Hub's convention for a repository of GGUF files) holding
-``<Name>-<TYPE>.gguf`` per type, ``mtool-lineage.json`` and ``README.md``, built beside its target and renamed
-into place, so an interrupted export leaves nothing and ``mtool push`` can publish it as it is.
+``<Name>-<TYPE>.gguf`` per type, an Ollama ``Modelfile`` (the Q8_0 file, else the first, with the chat template as
+Ollama's template: :mod:`mtool.modelfile`), ``mtool-lineage.json`` and ``README.md``, built beside its target and
+renamed into place, so an interrupted export leaves nothing and ``mtool push`` can publish it as it is.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from mtool.io.folders import atomic_output_dir
 from mtool.io.hashing import FileHasher
 from mtool.io.reading import open_checkpoint
 from mtool.lineage import Lineage, Parent, ParentInput, declared_license, describe_parents_in_background, read_lineage
+from mtool.modelfile import MODELFILE, modelfile
 from mtool.naming.card import write_card
 from mtool.naming.finish import finish_output
 from mtool.runtime import RETURN_FREED_MEMORY
@@ -173,6 +175,10 @@ def export_gguf(model: str, output: str | os.PathLike, options: GGUFExportOption
                                       max_shard_bytes=options.max_shard_bytes))
             for file in sorted(staging.glob(f"{path.stem}*.gguf")):
                 files[file.name] = file_type.name
+        runnable = [name for name in files if "-of-" not in name or "-00001-of-" in name]
+        chosen = next((name for name in runnable if files[name] == "Q8_0"), runnable[0])
+        (staging / MODELFILE).write_text(modelfile(chosen, vocabulary.chat_template, vocabulary.eos_text),
+                                         encoding="utf-8")
         parameter_count = checkpoint.parameter_count()
         if is_adapter:
             shutil.rmtree(source.folder)

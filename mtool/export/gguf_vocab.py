@@ -70,6 +70,12 @@ class Vocabulary:
     add_eos: bool
     add_space_prefix: bool | None = None
     notes: list[str] = field(default_factory=list)
+    eos_text: str = ""  # the end-of-sequence token as text (a stop sequence for runtimes)
+
+    @property
+    def chat_template(self) -> str | None:
+        template = self.special.chat_template
+        return template if isinstance(template, str) else None
 
     @property
     def description(self) -> str:
@@ -212,6 +218,7 @@ def read_vocabulary(folder: Path, rows: int, *, pre: str | None = None) -> Vocab
             notes.append(f"llama.cpp applies no {'/'.join(others)} normalization before tokenizing (already "
                          "normalized text tokenizes alike)")
         vocabulary = Vocabulary("gpt2", chosen, tokens, types, None, special, add_bos, add_eos, notes=notes)
+    vocabulary.eos_text = tokenizer.eos_token or ""
     for note in notes:
         ui.info(f"tokenizer: {note}")
     return vocabulary

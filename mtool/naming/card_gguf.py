@@ -2,9 +2,8 @@
 
 The files are listed with their type, size and sha256 (from the lineage record), and the usage section says how
 to run them: llama.cpp (``llama-cli`` / ``llama-server``, from the file or straight from the Hub), Ollama (from
-the Hub, or an ``ollama create`` Modelfile whose ``TEMPLATE`` is the model's chat template written as Ollama's Go
-template, :mod:`mtool.modelfile`) and LM Studio. The chat template, BOS and EOS are read from the first GGUF file's
-keys (gguf-py's ``GGUFReader``), so the card says what the files hold.
+the Hub, or the ``Modelfile`` the export wrote beside the files, whose ``TEMPLATE`` is the model's chat template
+written as Ollama's Go template, :mod:`mtool.modelfile`) and LM Studio.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mtool.lineage import Lineage
-from mtool.modelfile import modelfile
+from mtool.modelfile import MODELFILE, modelfile
 
 GGUF_TAGS = ("gguf", "llama.cpp")
 
@@ -41,25 +40,6 @@ def gguf_files(folder: Path, lineage: Lineage | None) -> list[GGUFFile]:
             for file in sorted(folder.glob("*.gguf"))]
 
 
-def _chat_keys(path: Path) -> tuple[str | None, str]:
-    """The chat template and the EOS token text stored in a GGUF file."""
-    import gguf
-
-    try:
-        reader = gguf.GGUFReader(path)
-    except (OSError, ValueError):
-        return None, ""
-    fields = reader.fields
-    template = fields["tokenizer.chat_template"].contents() if "tokenizer.chat_template" in fields else None
-    eos = ""
-    if "tokenizer.ggml.eos_token_id" in fields and "tokenizer.ggml.tokens" in fields:
-        eos_id = int(fields["tokenizer.ggml.eos_token_id"].contents())
-        tokens = fields["tokenizer.ggml.tokens"]
-        if 0 <= eos_id < len(tokens.data):
-            eos = bytes(tokens.parts[tokens.data[eos_id]]).decode("utf-8", errors="replace")
-    return (template if isinstance(template, str) else None), eos
-
-
 def _first_shard_files(files: list[GGUFFile]) -> list[GGUFFile]:
     """One entry per model file: a split file is named by its first shard."""
     return [f for f in files if "-of-" not in f.name or "-00001-of-" in f.name]
@@ -70,8 +50,10 @@ def gguf_usage(folder: Path, files: list[GGUFFile], repo_id: str) -> list[str]:
     runnable = _first_shard_files(files)
     if not runnable:
         return ["This folder holds no GGUF file."]
-    chosen = next((f for f in runnable if f.type == "Q8_0"), runnable[0])
-    template, eos = _chat_keys(folder / chosen.name)
+    written = folder / MODELFILE
+    text = written.read_text(encoding="utf-8") if written.is_file() else modelfile(runnable[0].name, None)
+    model_file = text.splitlines()[0].removeprefix("FROM ./")
+    chosen = next((f for f in runnable if f.name == model_file), runnable[0])
     quant = f":{chosen.type}" if chosen.type else ""
     on_hub = "/" in repo_id  # an owner/name id: the files can be run straight from the Hub
     lines = ["With [llama.cpp](https://github.com/ggml-org/llama.cpp) (chat with the template stored in the file):",
@@ -80,13 +62,12 @@ def gguf_usage(folder: Path, files: list[GGUFFile], repo_id: str) -> list[str]:
     lines += ["```", "", "With [Ollama](https://ollama.com):", ""]
     lines += ["```bash", f"ollama run hf.co/{repo_id}{quant}", "```", "", "or from the downloaded file, with"] \
         if on_hub else ["From the file, with"]
-    lines[-1] += " this `Modelfile` (`ollama create NAME -f Modelfile`):"
-    lines += ["", "```", modelfile(chosen.name, template, eos).rstrip(), "```", ""]
-    if template is None:
-        lines += ["The files hold no chat template: prompt the model with plain text.", ""]
-    elif "TEMPLATE" not in modelfile(chosen.name, template, eos):
-        lines += ["The chat template is not one that converts to Ollama's template language line for line: Ollama "
-                  "reads the one stored in the file when it recognizes it; otherwise write a `TEMPLATE`.", ""]
+    lines[-1] += " the folder's `Modelfile` (`ollama create NAME -f Modelfile`):"
+    lines += ["", "```", text.rstrip(), "```", ""]
+    if "TEMPLATE" not in text:
+        lines += ["It has no `TEMPLATE`: the model has no chat template, or one that Ollama's template language cannot "
+                  "write line for line (Ollama then uses the template stored in the GGUF file when it recognizes "
+                  "it).", ""]
     lines += ["In [LM Studio](https://lmstudio.ai), search for the repository and pick a file." if on_hub else
               "In [LM Studio](https://lmstudio.ai), import the file (`lms import FILE`)."]
     if not on_hub:
