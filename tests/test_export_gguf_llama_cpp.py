@@ -238,3 +238,19 @@ def test_the_comparison_catches_a_conversion_left_out(tiny, tmp_path: Path, monk
         llm.close()
     difference = np.abs(got - reference) / reference.std()
     assert difference.max() > TOLERANCE["q8_0"][0] and difference.mean() > TOLERANCE["q8_0"][1]
+
+
+def test_llama_cpp_loads_a_split_file_from_its_first_shard(exported, tmp_path: Path) -> None:
+    run = exported("gemma3-spm-linear")
+    export_gguf(str(run.source), tmp_path / "split", GGUFExportOptions(types=("f32",), max_shard_bytes=200_000))
+    shards = sorted((tmp_path / "split").glob("*.gguf"))
+    assert len(shards) > 2 and "-00001-of-" in shards[0].name
+    logits = []
+    for path in (shards[0], run.gguf("f32")):
+        llm = _llama(path, logits_all=True)
+        try:
+            llm.eval(run.ids)
+            logits.append(np.array(llm.scores[: len(run.ids)]))
+        finally:
+            llm.close()
+    assert np.array_equal(logits[0], logits[1])
