@@ -371,3 +371,14 @@ def test_names_that_cannot_be_gguf_exports_are_refused(merged: Path, tmp_path: P
         export_gguf(str(merged), tmp_path / "b", GGUFExportOptions(name="Llama-123K-X-SFT-v1.0-LoRA"))
     with pytest.raises(OutputExistsError):
         export_gguf(str(merged), merged)
+
+
+def test_a_folder_named_by_the_schema_keeps_its_name_when_it_lints(merged: Path, tmp_path: Path) -> None:
+    renamed = tmp_path / "Llama-123K-Fusion-TIES-v1.0"
+    shutil.copytree(merged, renamed)
+    export_gguf(str(renamed), tmp_path / "kept", GGUFExportOptions(types=("q8_0",)))
+    assert [p.name for p in (tmp_path / "kept").glob("*.gguf")] == ["Llama-123K-Fusion-TIES-v1.0-Q8_0.gguf"]
+    wrong = tmp_path / "Llama-123K-Fusion-SLERP-v1.0"  # a SLERP name on a TIES merge: the record's name instead
+    shutil.copytree(merged, wrong)
+    export_gguf(str(wrong), tmp_path / "suggested", GGUFExportOptions(types=("q8_0",)))
+    assert [p.name for p in (tmp_path / "suggested").glob("*.gguf")] == [f"{NAME}-Q8_0.gguf"]

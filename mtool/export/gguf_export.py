@@ -165,7 +165,8 @@ def export_gguf(model: str, output: str | os.PathLike, options: GGUFExportOption
         tensors = plan_tensors(checkpoint, config)
         rows = next(t.shape[0] for t in tensors if t.source is not None and t.source.name.endswith(EMBEDDING))
         vocabulary = read_vocabulary(source.folder, rows, pre=options.tokenizer_pre)
-        identity = export_identity(source.folder, source.ref, name=options.name,
+        given = ref.id.rpartition("/")[2] if ref.is_hub else (ref.path if ref.path.is_dir() else ref.path.parent).name
+        identity = export_identity(source.folder, source.ref, name=options.name, given=given, adapter=is_adapter,
                                    parameters=checkpoint.parameter_count())
         files: dict[str, str] = {}
         digests: dict[str, str] = {}

@@ -1,6 +1,7 @@
 """Who the exported model is: the GGUF file names and the ``general.*`` provenance keys.
 
-A model with a standardized name (from its lineage record, or ``--name``) keeps it: files are
+A model with a standardized name keeps it (``--name``, else the name of its folder or Hub repository when that is a
+standardized name that lints clean against it, else the name its lineage record suggests): files are
 ``<Name>-<TYPE>.gguf`` (``Llama-3.1-8B-Medic-SFT-v1.0-Q8_0.gguf``: the GGUF naming convention's BaseName, SizeLabel,
 FineTune, Version and Encoding are the name's Family, Size, ``[BaseVariant-]Label-Method`` and version), and the
 keys the GGUF specification defines for provenance are filled from the same record and card:
@@ -31,7 +32,8 @@ from mtool.errors import InputError
 from mtool.hub import ModelRef
 from mtool.naming.card import build_card
 from mtool.naming.facts import output_name
-from mtool.naming.schema import ModelName, parse_name
+from mtool.naming.lint import lint_name
+from mtool.naming.schema import ModelName, decompose, parse_name
 
 HUB_URL = "https://huggingface.co"
 
@@ -53,8 +55,21 @@ def _hub_entry(model_id: str) -> dict[str, str]:
     return {"name": name, "organization": organization, "repo_url": f"{HUB_URL}/{model_id}"}
 
 
-def export_identity(source: Path, ref: ModelRef | None, *, name: str | None, parameters: int) -> ExportIdentity:
-    """The identity of the model in ``source`` (``ref``: how the user named it, when it is that folder)."""
+def given_name(given: str, source: Path, *, adapter: bool = False) -> ModelName | None:
+    """The standardized name the user gave the model (its folder or Hub name), when it is one and lints clean
+    against ``source``; an adapter's name without its ``-LoRA`` (the export is the merged model)."""
+    name = decompose(given).model_name()
+    if name is None or name.encoding is not None or name.lora != adapter:
+        return None
+    name = dataclasses.replace(name, lora=False)
+    return name if lint_name(name.format(), source).ok else None
+
+
+def export_identity(source: Path, ref: ModelRef | None, *, name: str | None, parameters: int,
+                    given: str | None = None, adapter: bool = False) -> ExportIdentity:
+    """The identity of the model in ``source`` (``ref``: how the user named it, when it is that folder): ``name``
+    (``--name``), else ``given`` (the folder or Hub name MODEL had) when it is a standardized name of this model,
+    else the name its lineage record suggests, else llama.cpp's convention (module docstring)."""
     chosen = None
     if name is not None:
         chosen = parse_name(name)
@@ -62,6 +77,8 @@ def export_identity(source: Path, ref: ModelRef | None, *, name: str | None, par
             raise InputError("a GGUF export is a full model: its name has no -LoRA", where="--name",
                              fix="drop -LoRA from the name")
         chosen = dataclasses.replace(chosen, encoding=None)
+    elif given is not None:
+        chosen = given_name(given, source, adapter=adapter)
     content, _ = build_card(source, name=None if chosen is None else chosen.format())
     model_name = content.name
     source_urls = {}
