@@ -382,3 +382,21 @@ def test_a_folder_named_by_the_schema_keeps_its_name_when_it_lints(merged: Path,
     shutil.copytree(merged, wrong)
     export_gguf(str(wrong), tmp_path / "suggested", GGUFExportOptions(types=("q8_0",)))
     assert [p.name for p in (tmp_path / "suggested").glob("*.gguf")] == [f"{NAME}-Q8_0.gguf"]
+
+
+def test_a_combined_adapter_exports_as_the_merge_it_is(tiny, tmp_path: Path, run_cli) -> None:
+    """Adapters combined in adapter space and merged into the base are a weight-space merge: the GGUF keeps the
+    adapter's name without -LoRA, Method and all."""
+    from mtool.naming.suggest import suggest_name
+
+    base = tiny.model("llama")
+    first, second = tiny.lora(base, seed=1), tiny.lora(base, seed=2)
+    run_cli("-q", "adapters", "combine", first, second, tmp_path / "combined", "--method", "cat", "--weights",
+            "0.5,0.5")
+    name = suggest_name(tmp_path / "combined", label="Pair")
+    assert name.lora and name.method == "Linear"
+    adapter = (tmp_path / "combined").rename(tmp_path / name.format())
+    run_cli("-q", "export", "gguf", adapter, tmp_path / "out", "--type", "q8_0", "--base", base)
+    expected = name.format().removesuffix("-LoRA")
+    assert [p.name for p in (tmp_path / "out").glob("*.gguf")] == [f"{expected}-Q8_0.gguf"]
+    assert lint_name(f"{expected}-GGUF", tmp_path / "out").ok
