@@ -20,8 +20,8 @@ def export() -> None:
 @click.option("--type", "types", multiple=True, metavar="TYPE[,TYPE...]",
               help=f"GGUF file type(s), repeated or comma-separated: {', '.join(TYPE_NAMES)} (default f16). "
                    "K-quants (q4_k_m ...) are made from an f16 file by llama.cpp's llama-quantize.")
-@click.option("--name", help="The model's standardized name (default: derived from its lineage record); the files "
-                             "are NAME-TYPE.gguf.")
+@click.option("--name", help="The model's standardized name (default: MODEL's folder name when it is one, else "
+                             "derived from its lineage record); the files are NAME-TYPE.gguf.")
 @click.option("--base", help="When MODEL is a LoRA adapter: its base model (default: the one the adapter names).")
 @click.option("--shard-size", type=BYTE_SIZE, default=None,
               help="Split each GGUF file into shards of at most this size (e.g. 5GB): NAME-TYPE-00001-of-0000N.gguf.")

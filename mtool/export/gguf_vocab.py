@@ -53,6 +53,7 @@ PRE_TOKENIZERS = {
     "[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+": "tekken",
 }
 GPT2_PRE = "gpt-2"
+IGNORING_MERGES = ("llama-bpe", "tekken")  # llama.cpp takes a word found in the vocabulary whole for these
 _SPACE = "\u2581"
 
 
@@ -209,6 +210,10 @@ def read_vocabulary(folder: Path, rows: int, *, pre: str | None = None) -> Vocab
         if others:
             notes.append(f"llama.cpp applies no {'/'.join(others)} normalization: text that it changes tokenizes "
                          "differently")
+        if any(step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first"
+               for step in _steps(backend.get("pre_tokenizer"), "pretokenizers")):
+            notes.append("transformers puts the space prefix only at the start of the text, llama.cpp also after "
+                         "each special token: text right after a special token may tokenize differently")
         vocabulary = Vocabulary("llama", "default", tokens, types, scores, special, add_bos, add_eos,
                                 add_space_prefix=_space_prefix(backend), notes=notes)
     else:
@@ -217,6 +222,11 @@ def read_vocabulary(folder: Path, rows: int, *, pre: str | None = None) -> Vocab
         if others:
             notes.append(f"llama.cpp applies no {'/'.join(others)} normalization before tokenizing (already "
                          "normalized text tokenizes alike)")
+        ignores = bool(model.get("ignore_merges"))
+        if ignores != (chosen in IGNORING_MERGES):
+            notes.append(f"the tokenizer {'takes' if ignores else 'merges'} words of its vocabulary whole, llama.cpp's "
+                         f"{chosen} pre-tokenizer does {'not' if ignores else 'so'}: rare words may tokenize "
+                         "differently")
         vocabulary = Vocabulary("gpt2", chosen, tokens, types, None, special, add_bos, add_eos, notes=notes)
     vocabulary.eos_text = tokenizer.eos_token or ""
     for note in notes:
