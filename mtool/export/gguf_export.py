@@ -35,7 +35,7 @@ from mtool.errors import InputError
 from mtool.export.gguf_architectures import ModelConfig, add_hyperparameters, check_exportable, read_model_config
 from mtool.export.gguf_file import GGUFFileWriter
 from mtool.export.gguf_metadata import ExportIdentity, add_general, export_identity
-from mtool.export.gguf_tensors import EMBEDDING, Job, PlannedTensor, encode_job, jobs_for, plan_tensors
+from mtool.export.gguf_tensors import TOKEN_EMBEDDING, Job, PlannedTensor, encode_job, jobs_for, plan_tensors
 from mtool.export.gguf_types import GGUFType, parse_types
 from mtool.export.gguf_vocab import Vocabulary, add_vocabulary, read_vocabulary
 from mtool.hub import ModelRef, resolve_model
@@ -124,6 +124,15 @@ def _declare(writer: gguf.GGUFWriter, jobs: list[Job]) -> None:
                                    sizes[name], raw_dtype=encoding)
 
 
+def write_modelfile(folder: Path, files: dict[str, str], vocabulary: Vocabulary) -> Path:
+    """The Ollama Modelfile of the Q8_0 file (else the first; a split file by its first shard)."""
+    runnable = [name for name in files if "-of-" not in name or "-00001-of-" in name]
+    chosen = next((name for name in runnable if files[name] == "Q8_0"), runnable[0])
+    path = folder / MODELFILE
+    path.write_text(modelfile(chosen, vocabulary.chat_template, vocabulary.eos_text), encoding="utf-8")
+    return path
+
+
 def write_gguf(path: Path, file_type: GGUFType, config: ModelConfig, vocabulary: Vocabulary,
                identity: ExportIdentity, tensors: list[PlannedTensor], *,
                max_shard_bytes: int | None = None) -> dict[str, str]:
@@ -165,7 +174,7 @@ def export_gguf(model: str, output: str | os.PathLike, options: GGUFExportOption
         check_exportable(config)
         checkpoint = open_checkpoint(source.folder)
         tensors = plan_tensors(checkpoint, config)
-        rows = next(t.shape[0] for t in tensors if t.source is not None and t.source.name.endswith(EMBEDDING))
+        rows = next(t.shape[0] for t in tensors if t.name == TOKEN_EMBEDDING)
         vocabulary = read_vocabulary(source.folder, rows, pre=options.tokenizer_pre)
         given = ref.id.rpartition("/")[2] if ref.is_hub else (ref.path if ref.path.is_dir() else ref.path.parent).name
         identity = export_identity(source.folder, source.ref, name=options.name, given=given, adapter=is_adapter,
@@ -178,10 +187,7 @@ def export_gguf(model: str, output: str | os.PathLike, options: GGUFExportOption
                                       max_shard_bytes=options.max_shard_bytes))
             for file in sorted(staging.glob(f"{path.stem}*.gguf")):
                 files[file.name] = file_type.name
-        runnable = [name for name in files if "-of-" not in name or "-00001-of-" in name]
-        chosen = next((name for name in runnable if files[name] == "Q8_0"), runnable[0])
-        (staging / MODELFILE).write_text(modelfile(chosen, vocabulary.chat_template, vocabulary.eos_text),
-                                         encoding="utf-8")
+        write_modelfile(staging, files, vocabulary)
         parameter_count = checkpoint.parameter_count()
         if is_adapter:
             shutil.rmtree(source.folder)

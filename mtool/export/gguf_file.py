@@ -14,7 +14,6 @@ It is the writer :func:`mtool.stream.stream_tensors` drives (``specs``, ``write_
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import gguf
 
 from mtool.errors import CheckpointError
 from mtool.io.hashing import BackgroundDigests
+from mtool.io.writing import PositionedFiles, pwrite_all
 
 if TYPE_CHECKING:
     import torch
@@ -46,7 +46,7 @@ class _Placed:
     end: int  # where the next tensor's data begins (after the alignment padding)
 
 
-class GGUFFileWriter:
+class GGUFFileWriter(PositionedFiles):
     """Streams the tensor data of a fully declared ``gguf.GGUFWriter`` into ``path`` (module docstring).
 
     Every tensor must be written exactly once; :meth:`close` checks that. On an exception inside ``with``, the
@@ -99,9 +99,7 @@ class GGUFFileWriter:
         if received > placed.nbytes:
             raise CheckpointError(f"GGUF tensor {name!r} is written twice")
         offset = placed.offset + start
-        done = 0
-        while done < len(data):
-            done += os.pwrite(self._fds[placed.shard], data[done:], offset + done)
+        pwrite_all(self._fds[placed.shard], data, offset)
         self._received[name] = received
         self._hash(placed.shard, offset, data)
         if received == placed.nbytes and placed.end > placed.offset + placed.nbytes:
@@ -123,24 +121,9 @@ class GGUFFileWriter:
                 zip(self.files, self._hashers, self._hashed_to, self._sizes) if hasher is not None and done == size}
 
     def close(self) -> list[Path]:
+        """Finish: every declared tensor must have been written. Returns the files."""
         missing = [name for name, placed in self._placed.items() if self._received.get(name, 0) != placed.nbytes]
         self._close_fds()
         if missing:
             raise CheckpointError(f"{len(missing)} GGUF tensors were not written, e.g. {missing[0]!r}")
         return self.files
-
-    def _close_fds(self) -> None:
-        self._hashing.finish()
-        for fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds = []
-
-    def __enter__(self) -> "GGUFFileWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._close_fds()

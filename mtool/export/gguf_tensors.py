@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 BLOCK_ELEMENTS = 1 << 22  # values per job: 16 MiB in float32
 EMBEDDING = "model.embed_tokens.weight"
+TOKEN_EMBEDDING = "token_embd.weight"  # its GGUF name: one row per token of the vocabulary
 HEAD = "lm_head.weight"
 _SKIPPED = re.compile(r"(rotary_emb\.inv_freq|vision_tower|multi_modal_projector|vision_model)")
 _LANGUAGE_MODEL = (("model.language_model.", "model."), ("language_model.model.", "model."),
