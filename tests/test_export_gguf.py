@@ -400,3 +400,15 @@ def test_a_combined_adapter_exports_as_the_merge_it_is(tiny, tmp_path: Path, run
     expected = name.format().removesuffix("-LoRA")
     assert [p.name for p in (tmp_path / "out").glob("*.gguf")] == [f"{expected}-Q8_0.gguf"]
     assert lint_name(f"{expected}-GGUF", tmp_path / "out").ok
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_widen_exactly(tiny, tmp_path: Path, dtype) -> None:
+    source = tiny.model("qwen2", tie=True, dtype=dtype)
+    export_gguf(str(source), tmp_path / "out", GGUFExportOptions(types=("f32",)))
+    (path,) = (tmp_path / "out").glob("*.gguf")
+    checkpoint = open_checkpoint(source)
+    _, embedding = _tensors(path)["token_embd.weight"]
+    _, bias = _tensors(path)["blk.1.attn_k.bias"]
+    assert torch.equal(torch.from_numpy(embedding.copy()), checkpoint.read("model.embed_tokens.weight").float())
+    assert torch.equal(torch.from_numpy(bias.copy()), checkpoint.read("model.layers.1.self_attn.k_proj.bias").float())

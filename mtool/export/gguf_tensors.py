@@ -164,10 +164,23 @@ def jobs_for(tensors: list[PlannedTensor], file_type: GGUFType, head_dim: int) -
             yield Job(tensor, encoding, first, min(step, tensor.rows - first))
 
 
-def permute_heads(rows: "torch.Tensor", heads: int) -> "torch.Tensor":
+def permute_heads(rows: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's order of a projection's rows: within each head, the two halves interleaved,
     ``W.reshape(heads, 2, d / 2, ...).swapaxes(1, 2)`` (llama.cpp's converter, ``LlamaModel.permute``)."""
     return rows.reshape(heads, 2, rows.shape[0] // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def as_float32(values: "torch.Tensor") -> np.ndarray:
+    """``values`` in float32 as a numpy array. bfloat16 widens exactly in numpy (its bits are the top half of a
+    float32's), so the conversion makes no torch allocation: torch's are huge-page aligned in the ``mtool``
+    executable (``THP_MEM_ALLOC_ENABLE``), which holds far more memory for blocks freed and made again."""
+    import torch
+
+    if values.dtype == torch.bfloat16:
+        return (values.view(torch.int16).numpy().astype(np.uint32) << 16).view(np.float32)
+    if values.dtype in (torch.float16, torch.float32, torch.float64):
+        return values.numpy().astype(np.float32, copy=False)
+    return values.float().numpy()
 
 
 def encode_job(job: Job, config: ModelConfig) -> "torch.Tensor":
@@ -176,18 +189,17 @@ def encode_job(job: Job, config: ModelConfig) -> "torch.Tensor":
 
     tensor = job.tensor
     if tensor.values is not None:
-        rows = torch.from_numpy(tensor.values)
+        rows = tensor.values
     else:
         assert tensor.source is not None
         width = tensor.row_length if len(tensor.shape) > 1 else tensor.shape[0]
         values = read_elements(tensor.source, job.first_row * width, job.row_count * width)
-        rows = values.reshape((job.row_count, width) if len(tensor.shape) > 1 else tensor.shape).float()
+        rows = as_float32(values).reshape((job.row_count, width) if len(tensor.shape) > 1 else tensor.shape)
     if tensor.change is Change.PERMUTE:
-        heads = rows.shape[0] // config.head_dim
-        rows = permute_heads(rows, heads)
+        rows = permute_heads(rows, rows.shape[0] // config.head_dim)
     elif tensor.change is Change.PLUS_ONE:
-        rows = rows + 1.0
-    encoded = gguf.quants.quantize(np.ascontiguousarray(rows.numpy(), dtype=np.float32), job.encoding)
+        rows = rows + np.float32(1.0)
+    encoded = gguf.quants.quantize(np.ascontiguousarray(rows, dtype=np.float32), job.encoding)
     flat = np.ascontiguousarray(encoded).reshape(-1).view(np.uint8)
     if flat.nbytes != job.nbytes:
         raise AssertionError(f"{tensor.name}: {flat.nbytes} bytes encoded, {job.nbytes} planned")
