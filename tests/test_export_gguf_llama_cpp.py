@@ -254,3 +254,41 @@ def test_llama_cpp_loads_a_split_file_from_its_first_shard(exported, tmp_path: P
         finally:
             llm.close()
     assert np.array_equal(logits[0], logits[1])
+
+
+def test_the_language_model_of_a_multimodal_gemma3_runs_in_llama_cpp(tmp_path: Path) -> None:
+    """Gemma3ForConditionalGeneration (Gemma 3 4B and up): the vision tower is left out, the language model's tensors
+    lose their ``language_model.`` prefix, its config comes from ``text_config``."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+
+    from mtool.tinymodels import build_spm_tokenizer
+
+    tokenizer = build_spm_tokenizer(prefix_space=False)
+    text = Gemma3TextConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                            sliding_window=8, layer_types=["sliding_attention", "full_attention"],
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=32, patch_size=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Gemma3ForConditionalGeneration(Gemma3Config(text_config=text, vision_config=vision,
+                                                            mm_tokens_per_image=4, image_token_index=7)).eval()
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    export_gguf(str(tmp_path / "model"), tmp_path / "gguf", GGUFExportOptions(types=("f32", "q8_0")))
+    ids = tokenizer(PROMPT).input_ids
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+    for type_name in ("f32", "q8_0"):
+        (path,) = (tmp_path / "gguf").glob(f"*-{type_name.upper()}.gguf")
+        llm = _llama(path, logits_all=True)
+        try:
+            llm.eval(ids)
+            got = np.array(llm.scores[: len(ids)], dtype=np.float64)
+        finally:
+            llm.close()
+        difference = np.abs(got - reference) / reference.std()
+        largest, mean = TOLERANCE[type_name]
+        assert difference.max() <= largest and difference.mean() <= mean, (type_name, difference.max())
