@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/export_bench.py [--layers 22] [--types q8_0,f16] [--repeats 3]
                                                 [--llama-cpp DIR] [--convert-python PYTHON]
 
-The model is a TinyLlama-1.1B-shaped bf16 model of merge_bench's shapes (hidden 2048, intermediate 5632, 22 layers, 32 heads,
-4 KV heads, vocabulary 32000; 1GB shards; built once into benchmarks/_work/), with a byte-level BPE tokenizer
+The model is TinyLlama-1.1B-shaped, bf16, with merge_bench's shapes (hidden 2048, intermediate 5632, 22 layers, 32
+heads, 4 KV heads, vocabulary 32000; 1GB shards; built once into benchmarks/_work/) and a byte-level BPE tokenizer
 trained on the spot. Both tools convert the same folder to the same type, each in its own process started after
 ``sync``, the page cache warm; wall time is the median of the repeats (interpreter start and imports included,
 as a user sees it), peak memory the child's maximum resident set. mtool also hashes its output into the lineage
