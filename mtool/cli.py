@@ -40,6 +40,8 @@ COMMANDS: dict[str, str] = {
     "name": "mtool.naming.commands:name",
     "card": "mtool.naming.commands:card",
     "demo": "mtool.demo.commands:demo",
+    "export": "mtool.export.commands:export",
+    "push": "mtool.publish.commands:push",
 }
 
 

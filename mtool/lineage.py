@@ -1,7 +1,7 @@
 """The provenance record every mtool output folder carries: ``mtool-lineage.json``.
 
 A record says what operation made the folder (train / merge / adapter-merge / combine / extract /
-resize), from which parents (each with its id, revision, role and the sha256 of every weight file
+resize / export), from which parents (each with its id, revision, role and the sha256 of every weight file
 read), with which canonical recipe or training config, resolved parameters, seed and data set, and
 what came out (file hashes, parameter count, final metrics). Names and cards are derived from it.
 
@@ -30,7 +30,7 @@ from mtool.reproducible import creation_time
 LINEAGE_FILENAME = "mtool-lineage.json"
 SCHEMA_VERSION = 1
 
-Operation = Literal["train", "merge", "adapter-merge", "combine", "extract", "resize", "base"]
+Operation = Literal["train", "merge", "adapter-merge", "combine", "extract", "resize", "export", "base"]
 Role = Literal["base", "model", "adapter", "tokenizer"]
 
 

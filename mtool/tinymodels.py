@@ -3,8 +3,10 @@
 Every model is deterministic (a seed), is saved as an ordinary model folder that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads with no network, and comes with a BPE
 tokenizer trained on the spot with the ``tokenizers`` library (special tokens and a chat template
-included). Shapes cover the families mtool meets most: Llama, Mistral, Qwen2 and Gemma; tied and
-untied embeddings; single-file and sharded weights.
+included). Shapes cover the families mtool meets most: Llama, Mistral, Qwen2/Qwen3 and Gemma/Gemma 2/Gemma 3;
+tied and untied embeddings; single-file and sharded weights; RoPE scaling presets. The tokenizer is byte-level
+BPE (GPT-2 style, as Llama 3 and Qwen ship) or, with ``tokenizer="spm"``, SentencePiece-style BPE with byte
+fallback (as Llama 2, Mistral and Gemma ship, in the form transformers converts them to).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3")
+TOKENIZERS = ("bpe", "spm")
+ROPE_PRESETS = ("default", "linear", "llama3", "yarn")
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -53,12 +57,17 @@ class TinySpec:
     vocab_size: int = 384
     tie_embeddings: bool = False
     max_position_embeddings: int = 512
+    head_dim: int | None = None  # None: hidden_size / num_heads
+    sliding_window: int = 8  # Gemma 2 / Gemma 3: local layers attend to this many tokens
+    rope: str = "default"  # one of ROPE_PRESETS (scaled for a context of 64 tokens)
+    tokenizer: str = "bpe"  # one of TOKENIZERS
 
 
-def build_tokenizer(vocab_size: int = 384, corpus: "Sequence[str] | None" = None):
+def build_tokenizer(vocab_size: int = 384, corpus: "Sequence[str] | None" = None, *, pre_tokenizer=None):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a built-in corpus, with a chat template.
 
     ``corpus`` (lines of text) replaces the built-in corpus, e.g. so that a task's words become single tokens.
+    ``pre_tokenizer`` replaces GPT-2's (``ByteLevel`` without a prefix space), e.g. Llama 3's regex split.
     Deterministic: the same vocabulary for the same corpus. Special tokens: ``<s>`` (bos), ``</s>`` (eos),
     ``<pad>`` (pad, distinct from eos), ``<unk>`` and the chat role markers.
     """
@@ -66,7 +75,7 @@ def build_tokenizer(vocab_size: int = 384, corpus: "Sequence[str] | None" = None
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.pre_tokenizer = pre_tokenizer or pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
@@ -88,11 +97,89 @@ def build_tokenizer(vocab_size: int = 384, corpus: "Sequence[str] | None" = None
     return fast
 
 
-def _config(spec: TinySpec, tokenizer):
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+def build_spm_tokenizer(vocab_size: int = 384, corpus: "Sequence[str] | None" = None, *,
+                        prefix_space: bool = True):
+    """A SentencePiece-style BPE ``PreTrainedTokenizerFast``: ``▁`` for spaces, byte fallback (``<0x00>`` ...
+    ``<0xFF>``) for characters outside the vocabulary, ``<s>`` added in front, the same special tokens and chat
+    template as :func:`build_tokenizer`.
 
-    if spec.architecture in MATRIX_ARCHITECTURES:
+    It has the layout transformers gives a converted ``tokenizer.model`` (Llama 2, Mistral, Gemma): specials,
+    then the 256 byte tokens, then the pieces; merges listing every split of every piece into two pieces, in the
+    order of the piece's rank (so BPE with these merges and SentencePiece's highest-score-first merging agree).
+    ``prefix_space`` prepends ``▁`` to the text (Llama-style ``add_dummy_prefix``); Gemma's has none.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    steps = [normalizers.Prepend("\u2581")] if prefix_space else []
+    normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+    lines = list(corpus) if corpus is not None else _CORPUS.strip().splitlines()
+    specials = list(SPECIAL_TOKENS)
+    trainer_tokenizer = Tokenizer(models.BPE())
+    trainer_tokenizer.normalizer = normalizer
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)
+    pieces_wanted = max(1, vocab_size - len(specials) - 256)
+    trainer_tokenizer.train_from_iterator(lines * 4, trainer=trainers.BpeTrainer(vocab_size=pieces_wanted,
+                                                                               show_progress=False))
+    trained = json.loads(trainer_tokenizer.to_str())["model"]["vocab"]
+    pieces = [piece for piece, _ in sorted(trained.items(), key=lambda item: item[1])]
+    vocab = {token: index for index, token in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    rank = {piece: index for index, piece in enumerate(pieces)}
+    merges = sorted(((piece[:cut], piece[cut:]) for piece in pieces for cut in range(1, len(piece))
+                     if piece[:cut] in rank and piece[cut:] in rank),
+                    key=lambda pair: (rank[pair[0] + pair[1]], len(pair[0]), len(pair[1])))
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tokenizer.normalizer = normalizer
+    tokenizer.add_special_tokens(specials)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                             special_tokens=[("<s>", vocab["<s>"])])
+    decoder_steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tokenizer.decoder = decoders.Sequence(decoder_steps + ([decoders.Strip(" ", 1, 0)] if prefix_space else []))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=specials[4:])
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tokenizer_for(spec: TinySpec, corpus: "Sequence[str] | None" = None):
+    """The tokenizer ``spec`` asks for: byte-level BPE, or SentencePiece-style (Gemma's without the prefix space)."""
+    if spec.tokenizer == "bpe":
+        return build_tokenizer(spec.vocab_size, corpus)
+    if spec.tokenizer == "spm":
+        return build_spm_tokenizer(spec.vocab_size, corpus, prefix_space=not spec.architecture.startswith("gemma"))
+    raise ValueError(f"unknown tiny tokenizer {spec.tokenizer!r}; choose one of {TOKENIZERS}")
+
+
+def _rope_parameters(spec: TinySpec, theta: float = 10000.0) -> dict:
+    """RoPE settings of a preset: linear factor 2; llama3 factor 4 and YaRN from an original context of 64 tokens
+    to the model's."""
+    presets = {
+        "default": {"rope_type": "default"},
+        "linear": {"rope_type": "linear", "factor": 2.0},
+        "llama3": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": 64},
+        "yarn": {"rope_type": "yarn", "factor": spec.max_position_embeddings / 64,
+                 "original_max_position_embeddings": 64},
+    }
+    if spec.rope not in presets:
+        raise ValueError(f"unknown RoPE preset {spec.rope!r}; choose one of {ROPE_PRESETS}")
+    return {**presets[spec.rope], "rope_theta": theta}
+
+
+def _config(spec: TinySpec, tokenizer):
+    from transformers import (
+        Gemma2Config,
+        Gemma3TextConfig,
+        GemmaConfig,
+        LlamaConfig,
+        MistralConfig,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    if spec.architecture not in ARCHITECTURES and spec.architecture in MATRIX_ARCHITECTURES:
         return matrix_config(spec, tokenizer)
+    head_dim = spec.head_dim or spec.hidden_size // spec.num_heads
     common = dict(
         vocab_size=spec.vocab_size,
         hidden_size=spec.hidden_size,
@@ -106,14 +193,31 @@ def _config(spec: TinySpec, tokenizer):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if spec.rope != "default":
+        common["rope_parameters"] = _rope_parameters(spec)
+    if spec.head_dim is not None:
+        common["head_dim"] = spec.head_dim
+    # Gemma 2 / 3: alternate local (sliding window) and global layers; attention scaled by the head size
+    gemma_attention = dict(head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=spec.sliding_window,
+                           layer_types=["sliding_attention" if i % 2 == 0 else "full_attention"
+                                        for i in range(spec.num_layers)])
     if spec.architecture == "llama":
         return LlamaConfig(**common)
     if spec.architecture == "mistral":
         return MistralConfig(**common, sliding_window=None)
     if spec.architecture == "qwen2":
         return Qwen2Config(**common)
+    if spec.architecture == "qwen3":
+        return Qwen3Config(**{**common, "head_dim": head_dim})
     if spec.architecture == "gemma":
-        return GemmaConfig(**common, head_dim=spec.hidden_size // spec.num_heads)
+        return GemmaConfig(**{**common, "head_dim": head_dim})
+    if spec.architecture == "gemma2":
+        return Gemma2Config(**{**common, **gemma_attention})
+    if spec.architecture == "gemma3":
+        rope = common.pop("rope_parameters", {"rope_type": "default"})
+        return Gemma3TextConfig(**{**common, **gemma_attention}, rope_parameters={
+            "full_attention": {**rope, "rope_theta": 1_000_000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
     raise ValueError(f"unknown tiny architecture {spec.architecture!r}; choose one of {ARCHITECTURES}")
 
 
@@ -121,7 +225,7 @@ def build_model(spec: TinySpec = TinySpec(), *, seed: int = 0, tokenizer=None):
     """A randomly initialised causal LM of ``spec``'s shape (float32, eval mode), deterministic in ``seed``."""
     import torch
 
-    tokenizer = tokenizer or build_tokenizer(spec.vocab_size)
+    tokenizer = tokenizer or tokenizer_for(spec)
     config = _config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         torch.manual_seed(seed)
@@ -164,7 +268,7 @@ def save_model(model, tokenizer, folder: str | os.PathLike, *, shards: int = 1, 
 def make_tiny_model(folder: str | os.PathLike, spec: TinySpec = TinySpec(), *, seed: int = 0, shards: int = 1,
                     dtype: "torch.dtype | None" = None, license: str | None = None) -> Path:
     """Build and save a tiny model with its tokenizer; returns the folder."""
-    tokenizer = build_tokenizer(spec.vocab_size)
+    tokenizer = tokenizer_for(spec)
     model = build_model(spec, seed=seed, tokenizer=tokenizer)
     return save_model(model, tokenizer, folder, shards=shards, dtype=dtype, license=license)
 

@@ -4,6 +4,10 @@
 #                 on a GPU machine use e.g. MTOOL_TORCH="torch" to get the CUDA build)
 #   MTOOL_EXTRAS  extras to install (default "test")
 #   MTOOL_MERGEKIT=1 also builds .mkvenv, a separate venv with mergekit 0.1.5 used as the merge reference
+#   MTOOL_LLAMA_CPP=1 also builds llama-cpp-python (llama.cpp itself, the GGUF reference) into .venv: PyPI has only
+#                 its source, about 15 minutes of compiling on 2 cores the first time; pip's wheel cache makes any
+#                 later install (a new .venv) take seconds. CMAKE_ARGS is passed to its build (default: no
+#                 multimodal library, which nothing here uses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
@@ -38,4 +42,14 @@ if [ "${MTOOL_MERGEKIT:-0}" = "1" ] && [ ! -x .mkvenv/bin/mergekit-yaml ]; then
   .mkvenv/bin/python -m pip install -q "$torch_requirement"
   .mkvenv/bin/python -m pip install -q "mergekit==0.1.5" \
     || echo "setup: mergekit could not be installed; the comparison tests will be skipped" >&2
+fi
+
+if [ "${MTOOL_LLAMA_CPP:-0}" = "1" ] && ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
+  echo "setup: installing llama-cpp-python 0.3.36 (built from source the first time: about 15 minutes)" >&2
+  started=$(date +%s)
+  if CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" .venv/bin/python -m pip install -q "llama-cpp-python==0.3.36"; then
+    echo "setup: llama-cpp-python installed in $(( $(date +%s) - started )) s" >&2
+  else
+    echo "setup: llama-cpp-python could not be built; the tests that run llama.cpp will be skipped" >&2
+  fi
 fi

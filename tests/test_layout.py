@@ -12,7 +12,7 @@ import mtool
 
 PACKAGE = Path(mtool.__file__).parent
 # The capabilities; everything else under mtool/ but the CLI modules is the ground they stand on.
-CAPABILITIES = ("naming", "merger", "adapters", "train", "demo", "moe")
+CAPABILITIES = ("naming", "merger", "adapters", "train", "demo", "moe", "export", "publish")
 CLI_MODULES = ("mtool.cli", "mtool.commands_info")
 # What a capability may import from another one (module prefixes); never a ``commands`` module.
 MAY_IMPORT = {
@@ -22,6 +22,8 @@ MAY_IMPORT = {
     "train": ("mtool.adapters.merge", "mtool.naming.finish"),
     "demo": ("mtool.naming", "mtool.merger", "mtool.adapters", "mtool.train"),
     "moe": ("mtool.naming.finish",),
+    "export": ("mtool.naming", "mtool.adapters.merge"),
+    "publish": ("mtool.naming",),
 }
 MAX_LINES = 400
 

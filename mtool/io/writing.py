@@ -113,7 +113,42 @@ def planned_bytes(specs: Sequence[TensorSpec], *, max_shard_bytes: int = DEFAULT
     return total
 
 
-class CheckpointWriter:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` of the open file ``fd`` (positioned writes, the file offset untouched)."""
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], offset + done)
+
+
+class PositionedFiles:
+    """What every streaming writer shares: output files open for positioned writes (``_fds``), hashed in file order
+    on the way (``_hashing``), closed on success by :meth:`close` (which checks the output is complete) and on
+    failure, when the ``with`` block raises, by :meth:`_close_fds` alone."""
+
+    _fds: list[int]
+    _hashing: BackgroundDigests
+
+    def close(self) -> list[Path]:
+        raise NotImplementedError
+
+    def _close_fds(self) -> None:
+        self._hashing.finish()
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_fds()
+
+
+class CheckpointWriter(PositionedFiles):
     """Streams announced tensors straight into their places in safetensors shards.
 
     ``specs`` lists every output tensor in the order shards are filled. Headers are written when the
@@ -155,7 +190,7 @@ class CheckpointWriter:
             shard.size = len(header) + sum(spec.nbytes for spec in group)
             fd = os.open(shard.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             self._fds.append(fd)
-            _pwrite_all(fd, memoryview(header), 0)
+            pwrite_all(fd, memoryview(header), 0)
             os.ftruncate(fd, shard.size)
             self._hashers.append(hashlib.sha256(header) if in_order else None)
             self._hashed_to.append(len(header))
@@ -198,7 +233,7 @@ class CheckpointWriter:
         if count:
             data = memoryview(values.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B")
             offset = shard.offsets[name] + start * itemsize
-            _pwrite_all(self._fds[shard_number], data, offset)
+            pwrite_all(self._fds[shard_number], data, offset)
             if self._hashers[shard_number] is not None and offset == self._hashed_to[shard_number]:
                 self._hashing.feed(shard_number, data)
                 self._hashed_to[shard_number] += len(data)
@@ -237,28 +272,6 @@ class CheckpointWriter:
             (self.folder / f"{self.file_stem}{SAFETENSORS_INDEX_SUFFIX}").write_text(
                 json.dumps(index, indent=2) + "\n", encoding="utf-8")
         return self.files
-
-    def _close_fds(self) -> None:
-        self._hashing.finish()
-        for fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds = []
-
-    def __enter__(self) -> "CheckpointWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._close_fds()
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(data):
-        done += os.pwrite(fd, data[done:], offset + done)
 
 
 def save_tensors(folder: str | os.PathLike, tensors: dict[str, "torch.Tensor"], *,

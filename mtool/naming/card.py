@@ -22,6 +22,7 @@ from mtool.errors import InputError, OutputExistsError
 from mtool.io.folders import card_metadata
 from mtool.lineage import Lineage, Parent, declared_license, read_lineage, write_lineage
 from mtool.naming.card_body import pipeline_tag, render_body
+from mtool.naming.card_gguf import GGUF_TAGS, is_gguf_folder
 from mtool.naming.check import parse_name
 from mtool.naming.facts import FolderFacts, base_parent, hub_id_of_path, output_name, read_facts
 from mtool.naming.license import LicenseResolution, ParentLicense, normalize_license, publisher_license, resolve_license
@@ -160,9 +161,10 @@ def front_matter(content: CardContent) -> dict[str, object]:
         data["base_model"] = content.base_models if merge or len(content.base_models) > 1 else content.base_models[0]
         if content.relation:
             data["base_model_relation"] = content.relation
-    data["library_name"] = "peft" if facts.is_adapter else "transformers"
+    gguf = is_gguf_folder(facts.folder, facts.lineage)
+    data["library_name"] = "gguf" if gguf else "peft" if facts.is_adapter else "transformers"
     data.update(content.license.front_matter)
-    data["tags"] = _tags(content)
+    data["tags"] = _tags(content) + (list(GGUF_TAGS) if gguf else [])
     lineage = facts.lineage
     if lineage is not None and lineage.dataset is not None and lineage.dataset.is_hub:
         data["datasets"] = [lineage.dataset.id]

@@ -8,9 +8,11 @@ data, parameters, results and loss plot, usage, the license with its notices and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtool.lineage import Lineage, Parent
+from mtool.naming.card_gguf import gguf_file_table, gguf_files, gguf_usage, is_gguf_folder
 from mtool.naming.facts import FolderFacts, read_json
 from mtool.naming.label import merged_parents
 from mtool.naming.publishable import display_reference, for_people, without_local_paths
@@ -30,6 +32,8 @@ _PEFT_TASKS = {"CAUSAL_LM": "text-generation", "SEQ_CLS": "text-classification",
 
 
 def pipeline_tag(facts: FolderFacts) -> str | None:
+    if is_gguf_folder(facts.folder, facts.lineage):
+        return "text-generation"  # every architecture mtool exports to GGUF is a causal language model
     if facts.adapter_config is not None:
         return _PEFT_TASKS.get(str(facts.adapter_config.get("task_type") or ""))
     for architecture in (facts.config or {}).get("architectures") or []:
@@ -114,6 +118,11 @@ def _summary(content: CardContent) -> str:
         tuned = ", ".join(_code(m) for m in roles["model"])
         return (f"{content.title} is a LoRA adapter extracted from {tuned} relative to {_code(base)} "
                 f"(truncated SVD of the weight difference), made with mtool.")
+    if lineage.operation == "export":
+        source = ", ".join(_code(p.id if p.is_hub else Path(p.path or p.id).name) for p in lineage.parents)
+        types = ", ".join(lineage.parameters.get("types") or [])
+        return (f"{content.title} is {source} as GGUF files ({types}) for llama.cpp, Ollama and LM Studio, "
+                "made with mtool.")
     if lineage.operation == "resize":
         adapters = ", ".join(_code(a) for a in roles["adapter"])
         rank = lineage.parameters.get("rank")
@@ -135,6 +144,8 @@ def _table(rows: dict[str, object], header: tuple[str, str]) -> list[str]:
 
 def _usage(content: CardContent) -> list[str]:
     facts = content.facts
+    if is_gguf_folder(facts.folder, facts.lineage):
+        return gguf_usage(facts.folder, gguf_files(facts.folder, facts.lineage), content.repo_id)
     task = pipeline_tag(facts) or "text-generation"
     model_id = content.repo_id
     chat = bool((facts.folder / "chat_template.jinja").is_file()
@@ -224,8 +235,14 @@ def render_body(content: CardContent) -> str:
         targets = facts.adapter_config.get("target_modules")
         model_rows.update({"Rank": facts.adapter_config.get("r"), "Alpha": facts.adapter_config.get("lora_alpha"),
                            "Target modules": ", ".join(sorted(targets)) if isinstance(targets, list) else targets})
+    gguf = is_gguf_folder(facts.folder, facts.lineage)
+    if gguf and lineage is not None:
+        model_rows["Architecture"] = f"{lineage.parameters.get('architecture')} (llama.cpp)"
+        model_rows["Tokenizer"] = lineage.parameters.get("tokenizer")
     if any(value is not None for value in model_rows.values()):
         lines += ["## Model", ""] + _table(model_rows, ("", "")) + [""]
+    if gguf:
+        lines += ["## Files", ""] + gguf_file_table(gguf_files(facts.folder, lineage)) + [""]
 
     if lineage is not None:
         lines += ["## Lineage", "",

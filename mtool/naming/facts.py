@@ -231,9 +231,17 @@ def method_of_lineage(lineage: Lineage) -> Derived | None:
         for parent in lineage.parents:
             if parent.role == "adapter" and parent.lineage is not None:
                 inner = method_of_lineage(parent.lineage)
-                if inner is not None and isinstance(inner.value, Method) and inner.value.kind == "training":
+                # a trained adapter's objective; a combination of adapters merged into the base is that merge
+                if inner is not None and isinstance(inner.value, Method) and inner.value.kind in ("training", "merge"):
                     return Derived(inner.value, f"the merged adapter's record ({inner.source})")
         return Derived(canonical_method("SFT"), "the merged adapter carries no training record (SFT assumed)")
+    if operation == "export":  # the same model in another format: its source's Method
+        for parent in lineage.parents:
+            if parent.lineage is not None:
+                inner = method_of_lineage(parent.lineage)
+                if inner is not None:
+                    return Derived(inner.value, f"the exported model's record ({inner.source})")
+        return None
     if operation == "extract":
         return Derived(canonical_method("Extract"), "an adapter extracted from a fine-tune")
     if operation == "resize":

@@ -13,14 +13,17 @@ from mtool.io.hashing import FileHasher
 from mtool.lineage import Lineage, write_lineage
 from mtool.naming.card import write_card
 
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "*.gguf")
+
 
 def finish_output(folder: Path, record: Lineage, *, hasher: FileHasher, digests: Mapping[str, str] | None = None,
                   card: bool = True) -> Lineage:
-    """Record the sha256 of every weight file of ``folder`` in ``record`` (``digests`` holds those already
-    computed while writing; the others are read), write the record, then the card unless ``card`` is false."""
+    """Record the sha256 of every weight file of ``folder`` (safetensors, GGUF) in ``record`` (``digests`` holds
+    those already computed while writing; the others are read), write the record, then the card unless ``card``
+    is false."""
     known = digests or {}
-    record.outputs = {file.name: known.get(file.name) or hasher.sha256(file)
-                      for file in sorted(Path(folder).glob("*.safetensors"))}
+    files = sorted(file for pattern in WEIGHT_FILE_PATTERNS for file in Path(folder).glob(pattern))
+    record.outputs = {file.name: known.get(file.name) or hasher.sha256(file) for file in files}
     write_lineage(folder, record)
     if card:
         write_card(folder)

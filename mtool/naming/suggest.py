@@ -17,6 +17,8 @@ from mtool.naming.label import derive_label
 from mtool.naming.methods import find_method, method_names
 from mtool.naming.schema import ModelName, canonical_version, is_word
 
+EXPORT_ENCODINGS = {"gguf": "GGUF"}  # an exported folder's Encoding part, by the format it holds
+
 
 @dataclass(frozen=True)
 class Suggestion:
@@ -66,9 +68,11 @@ def suggest_from_facts(facts: FolderFacts, *, label: str | None = None, version:
         chosen_label = derive_label(facts.folder, facts.lineage)
         if chosen_label is None:
             raise InputError("cannot derive a Label", where=str(facts.folder), fix="pass --label")
+    exported = facts.lineage is not None and facts.lineage.operation == "export"
     name = ModelName(family=facts.base.family, size=facts.size, base_variant=facts.base.variant,
                      label=str(chosen_label.value), method=found.value.name, version=normalize_version(version),
-                     lora=facts.is_adapter)
+                     lora=facts.is_adapter, encoding=EXPORT_ENCODINGS.get(str(facts.lineage.method)) if exported
+                     else None)
     checked = check_name(name.format())
     if checked.model_name() is None:
         problems = "; ".join(str(f) for f in checked.findings if f.severity == "error")

@@ -1,0 +1,1 @@
+"""Exporting models to other runtimes' formats: ``mtool export gguf`` (llama.cpp, Ollama, LM Studio)."""

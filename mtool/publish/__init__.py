@@ -1,0 +1,1 @@
+"""Publishing model folders on the Hugging Face Hub: ``mtool push``."""
