@@ -82,7 +82,8 @@ class Evaluation(BaseModel):
 
     def key(self) -> tuple:
         """What makes two evaluations the same measurement (a newer one replaces an older one)."""
-        return self.task, self.kind, self.metric, self.dataset.sha256 if self.dataset else None, self.base
+        data = (self.dataset.sha256, self.dataset.examples) if self.dataset else None
+        return self.task, self.kind, self.metric, data, self.base
 
 
 class SearchTrial(BaseModel):

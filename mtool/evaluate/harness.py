@@ -9,12 +9,16 @@ wrapper; nothing is downloaded (the data files are local) and no sample is cache
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
+from mtool import ui
 from mtool.errors import ConfigError, InputError
 from mtool.evaluate.models import LoadedModel
 from mtool.evaluate.results import TaskResult
@@ -64,6 +68,16 @@ def _data_record(task: HarnessTask, task_file: Path | None, examples: int | None
     return Dataset(id=str(task_file), sha256=digest, examples=examples, format="lm-eval")
 
 
+@contextlib.contextmanager
+def _progress_bars_unless_quiet() -> Iterator[None]:
+    """The harness's own progress bars (stderr) while it runs, silenced by ``-q``."""
+    if not ui.VERBOSITY.quiet:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        yield
+
+
 def run_harness_task(loaded: LoadedModel, task: HarnessTask, *, batch_size: int, hasher: FileHasher) -> TaskResult:
     """Run ``task`` with lm-evaluation-harness on the loaded model."""
     if not harness_available():
@@ -83,8 +97,9 @@ def run_harness_task(loaded: LoadedModel, task: HarnessTask, *, batch_size: int,
         raise InputError(f"lm-eval knows no task {name!r}", where=task.name,
                          fix="give the path of its YAML file, or the folder that holds it under include")
     model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
-    output = simple_evaluate(model=model, tasks=[name], task_manager=manager, num_fewshot=task.num_fewshot,
-                             limit=task.limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
+    with _progress_bars_unless_quiet():
+        output = simple_evaluate(model=model, tasks=[name], task_manager=manager, num_fewshot=task.num_fewshot,
+                                 limit=task.limit, bootstrap_iters=0, log_samples=False, verbosity="ERROR")
     raw = output["results"][name]
     metrics = {key.split(",")[0]: float(value) for key, value in raw.items()
                if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
