@@ -18,7 +18,8 @@ CLI_MODULES = ("mtool.cli", "mtool.commands_info")
 MAY_IMPORT = {
     "naming": (),
     # --search evaluates each trial's merge with the evaluation library (never its command)
-    "merger": ("mtool.naming.finish", "mtool.evaluate.spec", "mtool.evaluate.run", "mtool.evaluate.results"),
+    "merger": ("mtool.naming.finish", "mtool.naming.card_results", "mtool.evaluate.spec", "mtool.evaluate.run",
+               "mtool.evaluate.results", "mtool.evaluate.models"),
     "adapters": ("mtool.merger.methods", "mtool.naming.finish"),
     "train": ("mtool.adapters.merge", "mtool.naming.finish"),
     # evaluation reads data, renders and masks it as training does, and writes results into cards

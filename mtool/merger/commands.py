@@ -19,9 +19,23 @@ from mtool.ui import info
 @click.option("--shard-size", type=BYTE_SIZE, default="5GB", show_default=True,
               help="Largest output shard, e.g. 2GB or 500MB.")
 @click.option("--no-card", is_flag=True, help="Do not write README.md (the model card).")
+@click.option("--search", "space_file", type=click.Path(exists=True, dir_okay=False),
+              help="Search the recipe's parameters over this space (YAML) for the best --eval score.")
+@click.option("--eval", "eval_file", type=click.Path(exists=True, dir_okay=False),
+              help="With --search: the evaluation spec (YAML) each trial's merge is scored on.")
+@click.option("--trials", type=click.IntRange(min=1), default=30, show_default=True, help="With --search: trials.")
+@click.option("--study", type=click.Path(dir_okay=False),
+              help="With --search: the study file that keeps the trials, to resume (default: OUT.search.jsonl).")
+@click.option("--scratch", type=click.Path(file_okay=False),
+              help="With --search: where each trial's merge is written, one at a time (default: beside OUT).")
 def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, device: str, shard_size: int,
-          no_card: bool) -> None:
+          no_card: bool, space_file: str | None, eval_file: str | None, trials: int, study: str | None,
+          scratch: str | None) -> None:
     """Merge models as RECIPE (mergekit YAML, unchanged) says, into the folder OUT.
+
+    With --search SPACE --eval EVAL, the parameters SPACE names are searched (Optuna TPE, --trials merges,
+    each evaluated on EVAL and deleted) and the best merge is written to OUT with the search in its record and
+    card; the trials are kept in a study file, and running the command again resumes the search.
 
     Every method of mergekit is supported: linear, slerp, nuslerp, multislerp, karcher, task_arithmetic,
     ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della, della_linear, model_stock, sce,
@@ -35,7 +49,23 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
 
     if out is None and not dry_run:
         raise click.UsageError("give OUT (the output folder), or --dry-run")
+    if (space_file is None) != (eval_file is None):
+        raise click.UsageError("--search SPACE and --eval EVAL go together")
     parsed = load_recipe(recipe)
+    if space_file is not None and not dry_run:
+        from pathlib import Path
+
+        from mtool.evaluate.spec import load_eval_spec
+        from mtool.merger.search import SearchOptions, search
+        from mtool.merger.space import load_space
+
+        options = SearchOptions(trials=trials, seed=seed, study=Path(study) if study else None,
+                                scratch=Path(scratch) if scratch else None, device=device, max_shard_bytes=shard_size,
+                                force=force, write_card=not no_card)
+        result = search(parsed, load_space(space_file), load_eval_spec(eval_file), out, options)
+        info(f"done: {out} (trial {result.best.position + 1} of {len(result.trials)}, score {result.best.score:.4f}; "
+             f"{result.new_trials} trials run in {result.seconds:.0f} s)")
+        return
     hasher = FileHasher.default()
     if not dry_run:  # the lineage record needs the inputs' digests: hash them while torch loads and the plan is made
         hasher.start(local_weight_files(parsed))

@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +47,9 @@ class MergeOptions:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     force: bool = False
     write_card: bool = True
+    # called with the staging folder and the record once the weights are written, before the record and card are
+    # (a search adds its record and chart there, so they appear with the output, atomically)
+    annotate: Callable[[Path, Lineage], None] | None = None
 
 
 def input_bytes(tensor: TensorPlan) -> int:
@@ -212,6 +215,8 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions, *
             seed=options.seed if plan.method.random else None,
             parameter_count=sum(spec.numel for spec in specs),
         )
+        if options.annotate is not None:
+            options.annotate(staging, record)
         finish_output(staging, record, hasher=hasher, digests=writer.digests, card=options.write_card)
     total_bytes = sum(spec.nbytes for spec in specs)
     elapsed = time.perf_counter() - started
