@@ -3,10 +3,10 @@
     .venv/bin/python benchmarks/search_bench.py [--demo DIR] [--trials 30] [--seeds 0,1,2]
 
 Both optimizers search the demo's space (TIES: each fine-tune's weight and density, and lambda) with the same
-trials: the same merge into a scratch folder, the same evaluation on the demo's tune questions, the same score
-(the mean exact-match accuracy over the tasks). TPE runs as mtool ships it (``mtool.merger.search.search``, its
-study file and per-trial seeds); CMA-ES asks for populations of points in the unit cube (the space's ranges scaled
-to [0, 1], start at the centre, sigma 0.3, bounds enforced by `cma`) and is told each population's scores. For
+trials: the same merge into a scratch folder, the same evaluation on the demo's tune questions, the same score.
+TPE runs as mtool ships it (``mtool.merger.search.search``: its study file, per-trial seeds, the recipe as written
+for its first trial); CMA-ES asks for populations of points in the unit cube (the space's ranges scaled to [0, 1],
+started at the recipe as written, sigma 0.3, bounds enforced by `cma`) and is told each population's scores. For
 each optimizer and seed the table gives the best tune score after 10, 20 and all trials, the held-out score of the
 merge each would write (its best trial; the first of equal scores), and the seconds per trial; then the mean over
 the seeds, beside the demo's fixed recipes on the held-out questions.
@@ -46,10 +46,25 @@ class UnitTrial:
         raise ValueError("the CMA-ES comparison covers numeric ranges only")
 
 
-def dimensions(space) -> int:
-    counter = UnitTrial([0.5] * 1000)
-    space.suggest(counter)
-    return len(counter.params)
+class RangeTrial:
+    """A stand-in trial that records each range asked for (in order)."""
+
+    def __init__(self) -> None:
+        self.ranges: list[tuple[str, float, float]] = []
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False, step: float | None = None):
+        self.ranges.append((name, low, high))
+        return low
+
+
+def start_point(space) -> list[float]:
+    """The recipe as written in unit coordinates (where TPE's first trial is), else the centre of the cube."""
+    recorder = RangeTrial()
+    space.suggest(recorder)
+    written = space.written_params()
+    if written is None:
+        return [0.5] * len(recorder.ranges)
+    return [(written[name] - low) / (high - low) for name, low, high in recorder.ranges]
 
 
 def demo_folder(given: str | None) -> Path:
@@ -117,7 +132,7 @@ def run_cma(demo: Path, trials: int, seed: int, heldout) -> dict:
     scratch = WORK / f"cma-{seed}-scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     runner = TrialRunner(spec, prepare_tasks(spec, hasher), scratch, SearchOptions(seed=seed), hasher)
-    strategy = cma.CMAEvolutionStrategy([0.5] * dimensions(space), 0.3,
+    strategy = cma.CMAEvolutionStrategy(start_point(space), 0.3,
                                         {"bounds": [0, 1], "seed": seed + 1, "verbose": -9})
     scores: list[float] = []
     recipes = []
@@ -141,8 +156,7 @@ def run_cma(demo: Path, trials: int, seed: int, heldout) -> dict:
     out = WORK / f"cma-{seed}"
     with ui.quiet_unless_verbose():
         execute(build_plan(recipes[best]), out, MergeOptions(seed=seed, force=True, write_card=False), hasher=hasher)
-    result = {"scores": scores, "heldout": heldout_score(out, load_eval_spec(demo / "recipes" / "eval-heldout.yaml")),
-              "seconds_per_trial": seconds / trials}
+    result = {"scores": scores, "heldout": heldout_score(out, heldout), "seconds_per_trial": seconds / trials}
     shutil.rmtree(out)
     shutil.rmtree(scratch)
     return result

@@ -169,6 +169,9 @@ def test_bad_spaces_are_refused_before_any_trial(setup, tmp_path: Path, run_cli)
     assert "give either range: [low, high] or choices" in refused(space({"name": "weight", "model": 0}))
     message = refused(space({"name": "lambda", "range": [2, 1]}))
     assert "parameters.0: range must be [low, high] with low < high" in message and "line 2" in message
+    checked = run_cli("merge", setup["recipe"], "--dry-run", "--search", setup["space"], "--eval", setup["eval"])
+    assert "search space: " in checked.stdout and "lambda[1]" in checked.stdout
+    assert "text (perplexity)" in checked.stdout
     (tmp_path / "out").mkdir()
     result = run_cli("merge", setup["recipe"], tmp_path / "out", "--search", setup["space"], "--eval", setup["eval"],
                      expect=3)
@@ -180,3 +183,41 @@ def test_a_study_file_of_another_search_is_refused(setup, tmp_path: Path, run_cl
     result = _search(run_cli, setup, tmp_path / "out", 1, "--seed", "2", "--force", expect=3)
     assert "the study file holds another search" in result.output
     assert json.loads((tmp_path / "out.search.jsonl").read_text().splitlines()[0])  # Optuna's journal, JSON lines
+
+
+def test_the_first_trial_is_the_recipe_as_written_when_the_space_can_give_it(setup, tmp_path: Path,
+                                                                               run_cli) -> None:
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"parameters": [
+        {"name": "weight", "model": 0, "range": [0.2, 1.5]}, {"name": "density", "model": 1, "range": [0.2, 1.0]},
+        {"name": "lambda", "range": [0.5, 2.0]}]}))
+    out = tmp_path / "out"
+    run_cli("-q", "merge", setup["recipe"], out, "--search", space, "--eval", setup["eval"], "--trials", 2)
+    first, second = read_lineage(out).search.trials
+    assert sorted(first.params.values()) == [0.5, 1.0, 1.0]  # density 0.5 and weight 1.0 as written, lambda's default
+    assert first.params != second.params
+    plain = tmp_path / "plain"
+    run_cli("-q", "merge", setup["recipe"], plain)
+    assert read_lineage(plain).outputs == first.outputs  # the recipe as written, merged
+
+
+def test_written_values_are_read_with_mergekit_precedence_and_checked_against_the_space() -> None:
+    from mtool.merger.recipe import parse_recipe
+    from mtool.merger.space import BoundSpace, SearchSpace
+
+    recipe = parse_recipe("merge_method: ties\nbase_model: b\nparameters: {weight: 0.7, density: "
+                          "[{filter: self_attn, value: 0.4}, {value: 0.9}]}\nmodels:\n  - model: m1\n"
+                          "    parameters: {weight: 1.2}\n  - model: m2\n  - model: b\n")
+
+    def written(*dimensions: dict):
+        return BoundSpace(SearchSpace.model_validate({"parameters": list(dimensions)}), recipe).written_params()
+
+    both = written({"name": "weight", "model": "m1", "range": [0, 2]}, {"name": "weight", "model": 1, "range": [0, 1]})
+    assert both == {"m1.weight": 1.2, "m2.weight": 0.7}  # the model's own value, else the global one
+    assert written({"name": "density", "filters": [{"filter": "self_attn", "range": [0, 1]}, {"range": [0, 1]}]}) \
+        == {"density@self_attn": 0.4, "density@*": 0.9}
+    assert written({"name": "weight", "model": 0, "range": [0, 1]}) is None  # 1.2 lies outside
+    assert written({"name": "lambda", "range": [0, 2], "gradient": 2}) is None  # the default is a scalar
+    assert written({"name": "lambda", "choices": [0.5, 1.0]}) == {"lambda": 1.0}  # the method's default
+    assert written({"name": "lambda", "range": [0.5, 2], "step": 0.25}) == {"lambda": 1.0}
+    assert written({"name": "lambda", "range": [0.6, 2], "step": 0.25}) is None  # off the grid

@@ -39,7 +39,7 @@ MARKER = "mtool-demo.json"  # marks a folder as a demo output, so --force may re
 class DemoSettings:
     """What the demo trains and merges. :meth:`quick` is the reduced run the tests use."""
 
-    facts_per_skill: int | None = None  # None: all 20
+    facts_per_skill: int | None = None  # None: all 40
     base: BaseSettings = field(default_factory=BaseSettings)
     adapter_steps: int = 150
     adapter_lr: float = 1e-2

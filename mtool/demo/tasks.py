@@ -29,12 +29,20 @@ CAPITALS = {
     "Canada": "Ottawa", "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo",
     "Chile": "Santiago", "Cuba": "Havana", "Greece": "Athens", "Poland": "Warsaw", "Austria": "Vienna",
     "Ireland": "Dublin", "Portugal": "Lisbon", "Russia": "Moscow", "China": "Beijing", "Nepal": "Kathmandu",
+    "Brazil": "Brasilia", "Australia": "Canberra", "Switzerland": "Bern", "Netherlands": "Amsterdam",
+    "Ukraine": "Kyiv", "Bulgaria": "Sofia", "Lebanon": "Beirut", "Jordan": "Amman", "Pakistan": "Islamabad",
+    "Bangladesh": "Dhaka", "Indonesia": "Jakarta", "Philippines": "Manila", "Venezuela": "Caracas",
+    "Ecuador": "Quito", "Uruguay": "Montevideo", "Nigeria": "Abuja", "Uganda": "Kampala", "Senegal": "Dakar",
+    "Tunisia": "Tunis", "Iceland": "Reykjavik",
 }  # fmt: skip
 SYMBOLS = {
     "hydrogen": "H", "helium": "He", "carbon": "C", "nitrogen": "N", "oxygen": "O", "sodium": "Na",
     "magnesium": "Mg", "aluminium": "Al", "silicon": "Si", "sulfur": "S", "chlorine": "Cl", "potassium": "K",
     "calcium": "Ca", "iron": "Fe", "copper": "Cu", "zinc": "Zn", "silver": "Ag", "tin": "Sn", "gold": "Au",
-    "lead": "Pb",
+    "lead": "Pb", "scandium": "Sc", "vanadium": "V", "gallium": "Ga", "germanium": "Ge", "selenium": "Se",
+    "rubidium": "Rb", "strontium": "Sr", "yttrium": "Y", "zirconium": "Zr", "niobium": "Nb", "molybdenum": "Mo",
+    "ruthenium": "Ru", "rhodium": "Rh", "palladium": "Pd", "cadmium": "Cd", "indium": "In", "antimony": "Sb",
+    "tellurium": "Te", "tungsten": "W", "osmium": "Os",
 }  # fmt: skip
 GENERAL_CAPITALS = {
     "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Belgium": "Brussels",

@@ -58,14 +58,10 @@ def resolve_device(setting: str) -> "torch.device":
 
 
 def resolve_dtype(setting: str, device: "torch.device") -> "torch.dtype":
-    """``auto``: bfloat16 on a GPU that supports it (float16 on an older one), float32 on CPU."""
-    import torch
+    """``auto``: bfloat16 on a GPU that supports it (float16 on an older one), float32 on CPU (as training)."""
+    from mtool.train.model import resolve_compute_dtype
 
-    if setting != "auto":
-        return getattr(torch, setting)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    return resolve_compute_dtype(setting, device)
 
 
 def weight_bytes(checkpoint: Checkpoint, dtype: "torch.dtype") -> int:

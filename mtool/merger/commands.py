@@ -52,20 +52,11 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
     if (space_file is None) != (eval_file is None):
         raise click.UsageError("--search SPACE and --eval EVAL go together")
     parsed = load_recipe(recipe)
-    if space_file is not None and not dry_run:
-        from pathlib import Path
-
-        from mtool.evaluate.spec import load_eval_spec
-        from mtool.merger.search import SearchOptions, search
-        from mtool.merger.space import load_space
-
-        options = SearchOptions(trials=trials, seed=seed, study=Path(study) if study else None,
-                                scratch=Path(scratch) if scratch else None, device=device, max_shard_bytes=shard_size,
-                                force=force, write_card=not no_card)
-        result = search(parsed, load_space(space_file), load_eval_spec(eval_file), out, options)
-        info(f"done: {out} (trial {result.best.position + 1} of {len(result.trials)}, score {result.best.score:.4f}; "
-             f"{result.new_trials} trials run in {result.seconds:.0f} s)")
-        return
+    if space_file is not None:
+        searched = _search(parsed, space_file, eval_file, out, dry_run=dry_run, trials=trials, seed=seed, study=study,
+                           scratch=scratch, device=device, shard_size=shard_size, force=force, card=not no_card)
+        if searched:
+            return
     hasher = FileHasher.default()
     if not dry_run:  # the lineage record needs the inputs' digests: hash them while torch loads and the plan is made
         hasher.start(local_weight_files(parsed))
@@ -87,3 +78,29 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
                            write_card=not no_card)
     execute(plan, out, options, hasher=hasher)
     info(f"done: {out}")
+
+
+def _search(recipe, space_file: str, eval_file: str, out: str | None, *, dry_run: bool, trials: int, seed: int,
+            study: str | None, scratch: str | None, device: str, shard_size: int, force: bool, card: bool) -> bool:
+    """``--search``: run the search (True), or with --dry-run check the space and the evaluation (False: the plan
+    is described next)."""
+    from pathlib import Path
+
+    from mtool.evaluate.spec import load_eval_spec
+    from mtool.merger.search import SearchOptions, check_space, search
+    from mtool.merger.space import BoundSpace, load_space
+
+    space, spec = load_space(space_file), load_eval_spec(eval_file)
+    if dry_run:
+        bound = BoundSpace(space, recipe)
+        check_space(bound)
+        click.echo(f"search space: {', '.join(bound.labels)}; evaluation: "
+                   f"{', '.join(f'{task.name} ({task.kind})' for task in spec.tasks)}")
+        return False
+    options = SearchOptions(trials=trials, seed=seed, study=Path(study) if study else None,
+                            scratch=Path(scratch) if scratch else None, device=device, max_shard_bytes=shard_size,
+                            force=force, write_card=card)
+    result = search(recipe, space, spec, out, options)
+    info(f"done: {out} (trial {result.best.position + 1} of {len(result.trials)}, score {result.best.score:.4f}; "
+         f"{result.new_trials} trials run in {result.seconds:.0f} s)")
+    return True

@@ -2,7 +2,8 @@
 evaluation score.
 
 Each trial: Optuna's TPE sampler (the optimizer chosen by measurement, see docs/eval.md) proposes a value for
-every dimension of the space, the recipe with those values is merged (streamed, by the same library code as
+every dimension of the space (the first trial takes the recipe's own values when the space can give them, so the
+search starts from the recipe as written), the recipe with those values is merged (streamed, by the same library code as
 ``mtool merge``) into a scratch folder, the merge is evaluated (:mod:`mtool.evaluate`) and its score, the
 weighted mean of the tasks' scores, is told to the sampler; the scratch model is deleted before the next trial,
 so the disk never holds more than one. At the end the best trial's recipe is merged again into OUT, which gets
@@ -222,6 +223,9 @@ def _run_one(storage: Any, space: BoundSpace, runner: TrialRunner, position: int
     from optuna.trial import TrialState
 
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=_sampler(seed, position))
+    written = space.written_params() if position == 0 else None
+    if written is not None and not study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        study.enqueue_trial(written)  # the first trial is the recipe as written, when the space can give it
     trial = study.ask()
     trial.set_user_attr("position", position)
     started = time.perf_counter()

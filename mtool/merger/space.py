@@ -103,6 +103,24 @@ class SearchSpace(BaseModel):
         return self.model_dump(mode="json", exclude_defaults=True)
 
 
+def _fitted(values: Values, label: str, value: Any) -> dict[str, Any] | None:
+    """``{label: value}`` (a gradient: one label per value) when ``value`` is one the space can give, else None."""
+    if values.choices is not None:
+        return {label: value} if value in values.choices else None
+    numbers = value if isinstance(value, list) else [value]
+    if not all(isinstance(number, (int, float)) and not isinstance(number, bool) for number in numbers):
+        return None
+    low, high = values.range
+    if len(numbers) != (values.gradient or 1) or not all(low <= number <= high for number in numbers):
+        return None
+    if values.step and any(abs((number - low) / values.step - round((number - low) / values.step)) > 1e-9
+                           for number in numbers):
+        return None
+    if values.gradient:
+        return {f"{label}[{index}]": float(number) for index, number in enumerate(numbers)}
+    return {label: float(numbers[0])}
+
+
 def load_space(path: str | Path) -> SearchSpace:
     from mtool.yamlfiles import load_yaml_model
 
@@ -165,6 +183,43 @@ class BoundSpace:
                 entries.append({"filter": entry.filter, "value": value} if entry.filter else {"value": value})
             values.append(entries)
         return values
+
+    def written_params(self) -> dict[str, Any] | None:
+        """The values the recipe has as written (a model's own, else the global one, else the method's default),
+        labelled as a trial's; None when one of them is missing or lies outside the space."""
+        from mtool.merger.methods import get_method
+
+        defaults = {spec.name: spec.default for spec in get_method(self.recipe.merge_method).parameters
+                    if not spec.required}
+        data = self.recipe.canonical()
+        params: dict[str, Any] = {}
+        for dimension, target, label in zip(self.space.parameters, self.targets, self.labels):
+            blocks = [data.get("parameters") or {}]
+            if target is not None:
+                blocks.insert(0, data["models"][target].get("parameters") or {})
+            value = next((block[dimension.name] for block in blocks if dimension.name in block),
+                         defaults.get(dimension.name))
+            found = self._written(dimension, label, value)
+            if found is None:
+                return None
+            params.update(found)
+        return params
+
+    @staticmethod
+    def _written(dimension: Dimension, label: str, value: Any) -> dict[str, Any] | None:
+        if dimension.filters is None:
+            return _fitted(dimension.values(), label, value)
+        if not isinstance(value, list) or len(value) != len(dimension.filters):
+            return None
+        params: dict[str, Any] = {}
+        for entry, item in zip(dimension.filters, value):
+            if not isinstance(item, dict) or item.get("filter") != entry.filter:
+                return None
+            found = _fitted(entry, f"{label}@{entry.filter or '*'}", item.get("value"))
+            if found is None:
+                return None
+            params.update(found)
+        return params
 
     def apply(self, values: list[Any]) -> Recipe:
         """The recipe with each dimension's parameter set to its value."""
