@@ -2,14 +2,15 @@
 
     .venv/bin/python benchmarks/search_bench.py [--demo DIR] [--trials 30] [--seeds 0,1,2]
 
-Both optimizers search the demo's space (TIES: each fine-tune's weight and density, and lambda) with the same
-trials: the same merge into a scratch folder, the same evaluation on the demo's tune questions, the same score.
-TPE runs as mtool ships it (``mtool.merger.search.search``: its study file, per-trial seeds, the recipe as written
-for its first trial); CMA-ES asks for populations of points in the unit cube (the space's ranges scaled to [0, 1],
-started at the recipe as written, sigma 0.3, bounds enforced by `cma`) and is told each population's scores. For
-each optimizer and seed the table gives the best tune score after 10, 20 and all trials, the held-out score of the
-merge each would write (its best trial; the first of equal scores), and the seconds per trial; then the mean over
-the seeds, beside the demo's fixed recipes on the held-out questions.
+Both optimizers search the demo's space (TIES: each fine-tune's weight and density, lambda, normalize) with the
+same trials: the same merge into a scratch folder, the same evaluation on the demo's tune questions, the same
+score. TPE runs as mtool ships it (``mtool.merger.search.search``: its study file, per-trial seeds, the recipe as
+written for its first trial); CMA-ES asks for populations of points in the unit cube (the space's ranges scaled to
+[0, 1], a choice as a coordinate cut into equal parts; started at the recipe as written, sigma 0.3, bounds enforced
+by `cma`) and is told each population's scores. For each optimizer and seed the table gives the best tune score
+after 10, 20 and all trials, the held-out score of the merge each would write (its best trial; the first of equal
+scores), and the wall-clock and CPU seconds per trial; then the mean over the seeds, beside the demo's fixed
+recipes on the held-out questions. Needs `cma` (`pip install cma`) besides the test extras.
 
 ``--demo DIR`` is a finished ``mtool demo`` folder; without it the demo is run once into benchmarks/_work/search.
 """
@@ -43,18 +44,25 @@ class UnitTrial:
         return value
 
     def suggest_categorical(self, name: str, choices: list):
-        raise ValueError("the CMA-ES comparison covers numeric ranges only")
+        """A choice as a coordinate: [0, 1] cut into equal parts, one per choice."""
+        index = min(len(choices) - 1, int(min(1.0, max(0.0, self.point.pop(0))) * len(choices)))
+        self.params[name] = choices[index]
+        return choices[index]
 
 
 class RangeTrial:
     """A stand-in trial that records each range asked for (in order)."""
 
     def __init__(self) -> None:
-        self.ranges: list[tuple[str, float, float]] = []
+        self.ranges: list[tuple[str, float, float] | tuple[str, list]] = []
 
     def suggest_float(self, name: str, low: float, high: float, log: bool = False, step: float | None = None):
         self.ranges.append((name, low, high))
         return low
+
+    def suggest_categorical(self, name: str, choices: list):
+        self.ranges.append((name, choices))
+        return choices[0]
 
 
 def start_point(space) -> list[float]:
@@ -64,7 +72,13 @@ def start_point(space) -> list[float]:
     written = space.written_params()
     if written is None:
         return [0.5] * len(recorder.ranges)
-    return [(written[name] - low) / (high - low) for name, low, high in recorder.ranges]
+    point = []
+    for name, *bounds in recorder.ranges:
+        if len(bounds) == 1:  # a choice: the middle of its part of [0, 1]
+            point.append((bounds[0].index(written[name]) + 0.5) / len(bounds[0]))
+        else:
+            point.append((written[name] - bounds[0]) / (bounds[1] - bounds[0]))
+    return point
 
 
 def demo_folder(given: str | None) -> Path:
@@ -98,14 +112,15 @@ def run_tpe(demo: Path, trials: int, seed: int, heldout) -> dict:
 
     out, study = WORK / f"tpe-{seed}", WORK / f"tpe-{seed}.search.jsonl"
     study.unlink(missing_ok=True)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with ui.quiet_unless_verbose():
         search(load_recipe(demo / "recipes" / "merge-ties.yaml"), load_space(demo / "recipes" / "search-space.yaml"),
                load_eval_spec(demo / "recipes" / "eval-tune.yaml"), out,
                SearchOptions(trials=trials, seed=seed, study=study, force=True))
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     scores = [trial.score for trial in read_lineage(out).search.trials]
-    result = {"scores": scores, "heldout": heldout_score(out, heldout), "seconds_per_trial": seconds / trials}
+    result = {"scores": scores, "heldout": heldout_score(out, heldout), "seconds_per_trial": seconds / trials,
+              "cpu_seconds_per_trial": cpu / trials}
     shutil.rmtree(out)
     return result
 
@@ -136,7 +151,7 @@ def run_cma(demo: Path, trials: int, seed: int, heldout) -> dict:
                                         {"bounds": [0, 1], "seed": seed + 1, "verbose": -9})
     scores: list[float] = []
     recipes = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     while len(scores) < trials:
         points = strategy.ask()
         told = []
@@ -151,12 +166,13 @@ def run_cma(demo: Path, trials: int, seed: int, heldout) -> dict:
             recipes.append(recipe)
         if len(told) == len(points):
             strategy.tell(points, [-score for score in told])  # cma minimizes
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     best = max(range(trials), key=lambda index: (scores[index], -index))
     out = WORK / f"cma-{seed}"
     with ui.quiet_unless_verbose():
         execute(build_plan(recipes[best]), out, MergeOptions(seed=seed, force=True, write_card=False), hasher=hasher)
-    result = {"scores": scores, "heldout": heldout_score(out, heldout), "seconds_per_trial": seconds / trials}
+    result = {"scores": scores, "heldout": heldout_score(out, heldout), "seconds_per_trial": seconds / trials,
+              "cpu_seconds_per_trial": cpu / trials}
     shutil.rmtree(out)
     shutil.rmtree(scratch)
     return result
@@ -186,17 +202,18 @@ def main() -> None:
 
     marks = sorted({min(10, arguments.trials), min(20, arguments.trials), arguments.trials})
     print("| optimizer | seed | " + " | ".join(f"best tune score, {m} trials" for m in marks)
-          + " | held-out score of the merge written | s per trial |")
+          + " | held-out score of the merge written | s per trial (CPU s) |")
     print("|---|---:|" + "---:|" * (len(marks) + 2))
     for name, results in runs.items():
         for seed, result in zip(seeds, results):
             cells = [f"{best_after(result['scores'], m):.3f}" for m in marks]
             print(f"| {name} | {seed} | " + " | ".join(cells) + f" | {result['heldout']:.3f} | "
-                  f"{result['seconds_per_trial']:.2f} |")
+                  f"{result['seconds_per_trial']:.2f} ({result['cpu_seconds_per_trial']:.2f}) |")
         means = [statistics.mean(best_after(r["scores"], m) for r in results) for m in marks]
         print(f"| {name} | mean | " + " | ".join(f"{value:.3f}" for value in means)
               + f" | {statistics.mean(r['heldout'] for r in results):.3f} | "
-              f"{statistics.mean(r['seconds_per_trial'] for r in results):.2f} |")
+              f"{statistics.mean(r['seconds_per_trial'] for r in results):.2f} "
+              f"({statistics.mean(r['cpu_seconds_per_trial'] for r in results):.2f}) |")
     fixed = json.loads((demo / "results.json").read_text())
     print("\nThe demo's fixed recipes on the held-out questions (mean over the tasks):")
     for row in fixed["rows"]:

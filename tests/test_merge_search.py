@@ -192,7 +192,8 @@ def test_the_first_trial_is_the_recipe_as_written_when_the_space_can_give_it(set
         {"name": "weight", "model": 0, "range": [0.2, 1.5]}, {"name": "density", "model": 1, "range": [0.2, 1.0]},
         {"name": "lambda", "range": [0.5, 2.0]}]}))
     out = tmp_path / "out"
-    run_cli("-q", "merge", setup["recipe"], out, "--search", space, "--eval", setup["eval"], "--trials", 2)
+    printed = run_cli("merge", setup["recipe"], out, "--search", space, "--eval", setup["eval"], "--trials", 2).stderr
+    assert any("trial 1/2" in line and "(the recipe as written)" in line for line in printed.splitlines())
     first, second = read_lineage(out).search.trials
     assert sorted(first.params.values()) == [0.5, 1.0, 1.0]  # density 0.5 and weight 1.0 as written, lambda's default
     assert first.params != second.params

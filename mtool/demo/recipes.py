@@ -11,12 +11,13 @@ import yaml
 if TYPE_CHECKING:
     from mtool.demo.pipeline import DemoSettings
 
-# The search space of the demo's searched merge: TIES parameters (each fine-tune's weight and density, and the
-# scale of the merged task vector); the recipe it starts from is the TIES row's.
+# The search space of the demo's searched merge: TIES parameters (each fine-tune's weight and density, the scale of
+# the merged task vector, and whether the kept deltas are averaged or added); it starts from the TIES row's recipe.
 SEARCH_SPACE = {
     "weight": (0.5, 1.5),
     "density": (0.3, 1.0),
     "lambda": (0.8, 1.6),
+    "normalize": (True, False),
 }
 
 
@@ -63,6 +64,7 @@ def write_search_space(path: Path, models: int) -> Path:
         low, high = SEARCH_SPACE[name]
         dimensions += [{"name": name, "model": index, "range": [low, high]} for index in range(models)]
     dimensions.append({"name": "lambda", "range": list(SEARCH_SPACE["lambda"])})
+    dimensions.append({"name": "normalize", "choices": list(SEARCH_SPACE["normalize"])})
     header = "# TIES parameters searched for the demo's searched merge (models by their index in the recipe).\n"
     path.write_text(header + yaml.safe_dump({"parameters": dimensions}, sort_keys=False), encoding="utf-8")
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from mtool.evaluate.examples import EvalData, PromptExample, exact_match_example
 from mtool.evaluate.models import LoadedModel, load_model, resolve_device, resolve_dtype
 from mtool.evaluate.results import ModelResult, TaskResult
 from mtool.evaluate.spec import EvalSpec, ExactMatchTask, HarnessTask, MultipleChoiceTask, PerplexityTask, Task
+from mtool.hub import ModelRef
 from mtool.io.hashing import FileHasher
 
 
@@ -154,13 +156,37 @@ def score_model(loaded: LoadedModel, tasks: Sequence[PreparedTask], spec: EvalSp
     return results
 
 
-def collect_memory() -> None:
-    """Give back the memory of a model just dropped, before the next one is loaded."""
+@dataclass(frozen=True)
+class Scored:
+    """What scoring a model left: where it came from and every task's result (the model itself is gone)."""
+
+    label: str
+    ref: ModelRef
+    base: ModelRef | None
+    results: list[TaskResult]
+
+
+def load_and_score(reference: str, tasks: Sequence[PreparedTask], spec: EvalSpec, *, base: str | None,
+                   hasher: FileHasher, samples: bool = False) -> Scored:
+    """Load ``reference`` (after the memory check), score it on ``tasks`` and give its memory back before
+    returning: the model is dropped, and collected at once if reference cycles still hold it."""
     import torch
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    loaded = load_model(reference, base=base, device=device, dtype=dtype)
+    label, ref, base_ref = loaded.label, loaded.ref, loaded.base
+    ui.info(f"{label} ({str(dtype).removeprefix('torch.')} on {device})")
+    alive = weakref.ref(loaded.model)
+    try:
+        results = score_model(loaded, tasks, spec, hasher=hasher, samples=samples)
+    finally:
+        del loaded
+        if alive() is not None:
+            gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return Scored(label, ref, base_ref, results)
 
 
 def evaluate_models(references: Sequence[str], spec: EvalSpec, options: EvalOptions = EvalOptions(), *,
@@ -171,19 +197,11 @@ def evaluate_models(references: Sequence[str], spec: EvalSpec, options: EvalOpti
 
     hasher = hasher or FileHasher.default()
     tasks = prepare_tasks(spec, hasher)
-    device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
     results = []
     for reference in references:
         started = time.perf_counter()
-        loaded = load_model(reference, base=options.base, device=device, dtype=dtype)
-        label, ref, base = loaded.label, loaded.ref, loaded.base
-        ui.info(f"{label} ({str(dtype).removeprefix('torch.')} on {device})")
-        try:
-            scores = score_model(loaded, tasks, spec, hasher=hasher, samples=options.samples)
-        finally:
-            del loaded
-            collect_memory()
+        scored = load_and_score(reference, tasks, spec, base=options.base, hasher=hasher, samples=options.samples)
+        label, ref, base, scores = scored.label, scored.ref, scored.base, scored.results
         folder = None if ref.is_hub else Path(ref.path)
         result = ModelResult(label, folder, base.id if base else None, scores, time.perf_counter() - started)
         if options.record:

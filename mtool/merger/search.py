@@ -19,6 +19,7 @@ finite (e.g. weights summing to zero) counts as a failed trial; any other error 
 
 from __future__ import annotations
 
+import gc
 import math
 import shutil
 import tempfile
@@ -67,6 +68,7 @@ class TrialResult:
     evaluations: list[dict[str, Any]]
     outputs: dict[str, str]
     seconds: float
+    written: bool = False  # the recipe's own values (the first trial)
 
     def record(self) -> SearchTrial:
         """The trial as the lineage record keeps it (numbered from 1)."""
@@ -128,8 +130,7 @@ class TrialRunner:
 
     def run(self, recipe: Recipe, position: int) -> tuple[list[TaskResult], dict[str, str]]:
         """The evaluation of ``recipe``'s merge and the sha256 of its weights (the merge itself is deleted)."""
-        from mtool.evaluate.models import load_model, resolve_device, resolve_dtype
-        from mtool.evaluate.run import collect_memory, score_model
+        from mtool.evaluate.run import load_and_score
         from mtool.merger.plan import build_plan
         from mtool.merger.run import MergeOptions, execute
 
@@ -141,13 +142,7 @@ class TrialRunner:
             with ui.quiet_unless_verbose():
                 execute(build_plan(recipe), folder, options, hasher=self.hasher)
                 outputs = read_lineage(folder).outputs
-                device = resolve_device(self.spec.device)
-                loaded = load_model(str(folder), base=None, device=device, dtype=resolve_dtype(self.spec.dtype, device))
-                try:
-                    results = score_model(loaded, self.prepared, self.spec, hasher=self.hasher)
-                finally:
-                    del loaded
-                    collect_memory()
+                results = load_and_score(str(folder), self.prepared, self.spec, base=None, hasher=self.hasher).results
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         return results, outputs
@@ -168,17 +163,19 @@ def _open_study(path: Path, fingerprint: str) -> tuple[Any, Any]:
     if saved is None and not study.trials:
         study.set_user_attr("fingerprint", fingerprint)
     elif saved != fingerprint:
-        raise OutputExistsError("the study file holds another search (its recipe, space, evaluation or seed differ)",
+        raise OutputExistsError("the study file holds another search (its recipe, space, evaluation, data or seed "
+                                "differ)",
                                 where=str(path), fix="delete it to start over, or pass --study with another file")
     return storage, study
 
 
-def _fingerprint(recipe: Recipe, space: SearchSpace, spec: EvalSpec, seed: int) -> str:
+def _fingerprint(recipe: Recipe, space: SearchSpace, spec: EvalSpec, prepared: list, seed: int) -> str:
+    """What a study belongs to: the recipe, space, evaluation (and its data's sha256), seed and optimizer."""
     import hashlib
     import json
 
     data = {"recipe": recipe.canonical(), "space": space.as_dict(), "evaluation": spec.as_dict(), "seed": seed,
-            "optimizer": OPTIMIZER}
+            "optimizer": OPTIMIZER, "data": [task.data.dataset.sha256 for task in prepared if task.data is not None]}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
@@ -245,7 +242,8 @@ def _run_one(storage: Any, space: BoundSpace, runner: TrialRunner, position: int
     result = TrialResult(position=position, params=dict(trial.params), recipe=recipe.canonical(),
                          score=objective(results, weights), scores={r.task: r.value for r in results},
                          evaluations=[r.evaluation(None).model_dump(mode="json") for r in results], outputs=outputs,
-                         seconds=round(time.perf_counter() - started, 3))
+                         seconds=round(time.perf_counter() - started, 3),
+                         written=written is not None and dict(trial.params) == written)
     for name in ("scores", "evaluations", "outputs", "seconds"):
         trial.set_user_attr(name, getattr(result, name))
     study.tell(trial, result.score)
@@ -253,8 +251,10 @@ def _run_one(storage: Any, space: BoundSpace, runner: TrialRunner, position: int
 
 
 def objective_text(spec: EvalSpec) -> str:
-    parts = [f"{task.name} ({'-loss' if task.kind == 'perplexity' else 'score'}, weight {task.weight:g})"
-             for task in spec.tasks if task.weight > 0]
+    """The score in words: ``the weighted mean of capitals (accuracy, weight 1), ...``."""
+    measures = {"exact_match": "accuracy", "multiple_choice": "accuracy", "perplexity": "minus the mean token loss",
+                "lm_eval": "its headline metric"}
+    parts = [f"{task.name} ({measures[task.kind]}, weight {task.weight:g})" for task in spec.tasks if task.weight > 0]
     return "the weighted mean of " + ", ".join(parts)
 
 
@@ -276,12 +276,13 @@ def search(recipe: Recipe, space: SearchSpace, spec: EvalSpec, out: str | Path, 
                          f"{free / 2**30:.2f} GiB free", fix="free some disk or pass --scratch on another disk")
     prepared = prepare_tasks(spec, hasher)
     path = study_path(out, options)
-    storage, study = _open_study(path, _fingerprint(recipe, space, spec, options.seed))
+    storage, study = _open_study(path, _fingerprint(recipe, space, spec, prepared, options.seed))
     _release_stale(study)
     started = time.perf_counter()
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.search-", dir=scratch_parent))
     runner = TrialRunner(spec, prepared, scratch, options, hasher)
     new = 0
+    gc.freeze()  # what lives now lives through the search: each trial's collection then sees only its own objects
     try:
         done = _finished(study)
         if done:
@@ -293,6 +294,7 @@ def search(recipe: Recipe, space: SearchSpace, spec: EvalSpec, out: str | Path, 
             new += 1
             _report_trial(position, options.trials, result, _finished(study))
     finally:
+        gc.unfreeze()
         shutil.rmtree(scratch, ignore_errors=True)
     trials = [_trial_result(trial) for position, trial in sorted(_finished(study).items())
               if position < options.trials and trial.value is not None]
@@ -311,8 +313,9 @@ def _report_trial(position: int, total: int, result: TrialResult | None, done: d
     best = max(scored, key=lambda trial: (trial.value, -trial.user_attrs["position"]))
     values = ", ".join(f"{name}={value:.3g}" if isinstance(value, float) else f"{name}={value}"
                        for name, value in result.params.items())
+    as_written = " (the recipe as written)" if result.written else ""
     ui.info(f"trial {position + 1}/{total}: score {result.score:.4f} (best {best.value:.4f}, trial "
-            f"{best.user_attrs['position'] + 1}) in {result.seconds:.1f} s; {values}")
+            f"{best.user_attrs['position'] + 1}) in {result.seconds:.1f} s; {values}{as_written}")
 
 
 def _write_best(space: BoundSpace, spec: EvalSpec, best: TrialResult, trials: list[TrialResult], out: Path,

@@ -13,6 +13,7 @@ def write_search_chart(path: str | Path, record: SearchRecord) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     trials = sorted(record.trials, key=lambda trial: trial.number)
     numbers = [trial.number for trial in trials]
@@ -24,6 +25,7 @@ def write_search_chart(path: str | Path, record: SearchRecord) -> Path:
     axes.step(numbers, best_so_far, where="post", color="C1", label="best so far")
     axes.plot([best.number], [best.score], "o", markersize=12, markerfacecolor="none", color="C3",
               label=f"kept: trial {best.number}")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("trial")
     axes.set_ylabel("score")
     axes.set_title(f"{record.optimizer}, seed {record.seed}: {len(trials)} trials", fontsize=10)
