@@ -162,9 +162,9 @@ def test_the_searched_merge_is_tuned_on_one_half_and_every_model_is_scored_on_th
     searched = read_lineage(outputs["Llama-558K-CapitalsSymbolsSearched-TIES-v1.0"])
     assert searched.search is not None and len(searched.search.trials) == 4  # --quick: 4 trials
     assert searched.recipe == searched.search.trials[searched.search.best - 1].recipe
-    tuned_on = {task["name"]: task["data"] for task in searched.search.evaluation["tasks"]}
-    assert all(path.endswith("-tune.jsonl") for path in tuned_on.values())
-    tune = {json.loads(line)["prompt"] for path in tuned_on.values() for line in Path(path).read_text().splitlines()}
+    tuned_on = [path for task in searched.search.evaluation["tasks"] for path in task["data"]]
+    assert len(tuned_on) == 3 and all(path.endswith("-tune.jsonl") for path in tuned_on)
+    tune = {json.loads(line)["prompt"] for path in tuned_on for line in Path(path).read_text().splitlines()}
     heldout = {json.loads(line)["prompt"] for line in (folder / "data" / "capitals-heldout.jsonl").read_text()
                .splitlines()}
     assert heldout and not tune & heldout  # the search never sees a held-out question
