@@ -170,8 +170,9 @@ def test_bad_spaces_are_refused_before_any_trial(setup, tmp_path: Path, run_cli)
     message = refused(space({"name": "lambda", "range": [2, 1]}))
     assert "parameters.0: range must be [low, high] with low < high" in message and "line 2" in message
     checked = run_cli("merge", setup["recipe"], "--dry-run", "--search", setup["space"], "--eval", setup["eval"])
-    assert "search space: " in checked.stdout and "lambda[1]" in checked.stdout
-    assert "text (perplexity)" in checked.stdout
+    assert "lambda: a gradient of 2 values in [0.5, 2]" in checked.stdout
+    assert "density: self_attn in [0.2, 1]; other tensors in [0.2, 1]" in checked.stdout
+    assert "evaluation: text (perplexity, weight 1)" in checked.stdout and "merge method: ties" in checked.stdout
     (tmp_path / "out").mkdir()
     result = run_cli("merge", setup["recipe"], tmp_path / "out", "--search", setup["space"], "--eval", setup["eval"],
                      expect=3)

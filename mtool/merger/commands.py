@@ -94,8 +94,9 @@ def _search(recipe, space_file: str, eval_file: str, out: str | None, *, dry_run
     if dry_run:
         bound = BoundSpace(space, recipe)
         check_space(bound)
-        click.echo(f"search space: {', '.join(bound.labels)}; evaluation: "
-                   f"{', '.join(f'{task.name} ({task.kind})' for task in spec.tasks)}")
+        click.echo("search space:\n" + "".join(f"  {line}\n" for line in bound.describe())
+                   + "evaluation: " + ", ".join(f"{task.name} ({task.kind}, weight {task.weight:g})"
+                                                for task in spec.tasks) + "\n")
         return False
     options = SearchOptions(trials=trials, seed=seed, study=Path(study) if study else None,
                             scratch=Path(scratch) if scratch else None, device=device, max_shard_bytes=shard_size,

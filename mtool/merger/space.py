@@ -170,6 +170,25 @@ class BoundSpace:
         owner = names[target] if names.count(names[target]) == 1 else f"models[{target}]"
         return f"{owner}.{dimension.name}"
 
+    def describe(self) -> list[str]:
+        """Each dimension in words: ``lambda: a gradient of 2 values in [0.5, 2]``."""
+        def values(entry: Values) -> str:
+            if entry.choices is not None:
+                return "one of " + ", ".join(map(str, entry.choices))
+            low, high = entry.range
+            scale = " (log scale)" if entry.log else f" (step {entry.step:g})" if entry.step else ""
+            where = f"in [{low:g}, {high:g}]{scale}"
+            return f"a gradient of {entry.gradient} values {where}" if entry.gradient else where
+
+        lines = []
+        for dimension, label in zip(self.space.parameters, self.labels):
+            if dimension.filters is None:
+                lines.append(f"{label}: {values(dimension.values())}")
+            else:
+                lines.append(f"{label}: " + "; ".join(f"{entry.filter or 'other tensors'} {values(entry)}"
+                                                       for entry in dimension.filters))
+        return lines
+
     def suggest(self, trial: Any) -> list[Any]:
         """Each dimension's value for an Optuna trial, in order."""
         values = []
