@@ -39,6 +39,7 @@ COMMANDS: dict[str, str] = {
     "estimate": "mtool.train.commands:estimate",
     "name": "mtool.naming.commands:name",
     "card": "mtool.naming.commands:card",
+    "eval": "mtool.evaluate.commands:evaluate",
     "demo": "mtool.demo.commands:demo",
     "export": "mtool.export.commands:export",
     "push": "mtool.publish.commands:push",

@@ -3,7 +3,8 @@
 A record says what operation made the folder (train / merge / adapter-merge / combine / extract /
 resize / export), from which parents (each with its id, revision, role and the sha256 of every weight file
 read), with which canonical recipe or training config, resolved parameters, seed and data set, and
-what came out (file hashes, parameter count, final metrics). Names and cards are derived from it.
+what came out (file hashes, parameter count, final metrics), and later evaluations of it (``mtool eval``) and
+the search that chose a merge's recipe. Names and cards are derived from it.
 
 A parent that carries a record of its own has that record embedded (``Parent.lineage``), so the
 whole tree travels with the output even when the parent folders are gone.
@@ -11,9 +12,10 @@ whole tree travels with the output even when the parent folders are gone.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,57 @@ class Dataset(BaseModel):
     format: str | None = None
 
 
+class Evaluation(BaseModel):
+    """One task's result on the folder (``mtool eval``, or the search that chose it): the headline metric and
+    every metric, the data (id, sha256, examples) and the settings it was measured with."""
+
+    model_config = ConfigDict(extra="allow")
+
+    task: str  # the task's name in the evaluation spec
+    kind: str  # perplexity, exact_match, multiple_choice or lm_eval
+    metric: str  # the headline metric: accuracy, perplexity, or an lm-eval task's metric
+    value: float
+    higher_is_better: bool = True
+    metrics: dict[str, float] = Field(default_factory=dict)  # every metric of the task
+    dataset: Dataset | None = None
+    base: str | None = None  # the base model an adapter was evaluated on
+    settings: dict[str, Any] = Field(default_factory=dict)  # batch size, dtype, device, generation settings
+    tool_version: str = __version__
+    created: str = Field(default_factory=creation_time)
+
+    def key(self) -> tuple:
+        """What makes two evaluations the same measurement (a newer one replaces an older one)."""
+        data = (self.dataset.sha256, self.dataset.examples) if self.dataset else None
+        return self.task, self.kind, self.metric, data, self.base
+
+
+class SearchTrial(BaseModel):
+    """One trial of a merge search: the values tried, the recipe they made, its score and its weights' sha256."""
+
+    model_config = ConfigDict(extra="allow")
+
+    number: int
+    params: dict[str, Any]
+    score: float
+    scores: dict[str, float] = Field(default_factory=dict)  # task -> headline metric
+    recipe: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, str] = Field(default_factory=dict)  # weight file name -> sha256
+
+
+class SearchRecord(BaseModel):
+    """How a searched merge was chosen: the optimizer, its seed, the space, the evaluation and every trial."""
+
+    model_config = ConfigDict(extra="allow")
+
+    optimizer: str
+    seed: int
+    objective: str  # what the score is, in words
+    space: dict[str, Any]
+    evaluation: dict[str, Any]
+    trials: list[SearchTrial]
+    best: int  # the number of the best trial (the output is its recipe)
+
+
 class Lineage(BaseModel):
     """The record of one output folder (see the module docstring)."""
 
@@ -82,6 +135,8 @@ class Lineage(BaseModel):
     is_adapter: bool = False  # the output is a PEFT adapter, not a full model
     license: str | None = None  # declared by the output's publisher (mtool card --license); None: from the parents
     warnings: list[str] | None = None  # what the command warned about while making the output (e.g. SLERP t > 1)
+    evaluations: list[Evaluation] | None = None  # results of `mtool eval` (and of the search that chose a merge)
+    search: SearchRecord | None = None  # a searched merge: how its recipe was chosen
 
     def roots(self) -> list[Parent]:
         """The parents at the bottom of the tree: those that carry no record of their own."""
@@ -126,6 +181,45 @@ def write_lineage(folder: str | os.PathLike, record: Lineage) -> Path:
     temporary.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(temporary, path)
     return path
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file at ``path`` (the file now there: one replaced while waiting is
+    opened again). Without ``fcntl`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    while True:
+        descriptor = os.open(path, os.O_RDONLY)
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        try:
+            if os.fstat(descriptor).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(descriptor)
+    try:
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def update_lineage(folder: str | os.PathLike, change: Callable[[Lineage], None]) -> Lineage | None:
+    """Apply ``change`` to the record in ``folder`` and write it back (atomically, as :func:`write_lineage`
+    does), holding a lock on the record meanwhile so that two processes adding to it keep both additions.
+    None, and nothing written, when the folder has no record."""
+    path = Path(folder) / LINEAGE_FILENAME
+    if not path.is_file():
+        return None
+    with _locked(path):
+        record = read_lineage(folder)
+        assert record is not None
+        change(record)
+        write_lineage(folder, record)
+    return record
 
 
 @dataclass(frozen=True)

@@ -42,15 +42,16 @@ def test_prints_the_accuracy_table_and_each_fine_tune_beats_the_base_on_its_skil
     folder, printed = demo
     accuracy = _accuracy(folder)
     for label in ("base", "capitals fine-tune", "symbols fine-tune", "Linear merge", "SLERP merge", "TIES merge",
-                  "DARE-TIES merge", "adapters combined"):
+                  "DARE-TIES merge", "searched TIES merge", "adapters combined"):
         assert label in printed
         assert set(accuracy[label]) == {"capitals", "symbols", "general"}
     assert "capitals" in printed.splitlines()[1] and "general" in printed.splitlines()[1]
+    assert "mean" in printed.splitlines()[1]
     for skill in ("capitals", "symbols"):
         assert accuracy["base"][skill] == 0.0  # the base never saw these facts
         assert accuracy[f"{skill} fine-tune"][skill] >= 0.75
     assert accuracy["base"]["general"] >= 0.9  # what it was pre-trained on
-    assert (folder / "results.md").read_text().count("|") > 8 * 5
+    assert (folder / "results.md").read_text().count("|") > 9 * 6
     assert json.loads((folder / "mtool-demo.json").read_text())["complete"] is True
     assert (folder / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -63,7 +64,7 @@ def test_names_lint_clean_and_cards_parse(demo) -> None:
 
     folder, _ = demo
     outputs = _named_outputs(folder)
-    assert len(outputs) == 9  # 2 adapters, 2 fine-tunes, 4 merges, 1 combined adapter
+    assert len(outputs) == 10  # 2 adapters, 2 fine-tunes, 4 merges, 1 searched merge, 1 combined adapter
     assert set(_results(folder)["names"]) == {p.name for p in outputs}
     for output in outputs:
         report = lint_name(output.name, output)
@@ -178,3 +179,34 @@ def test_every_card_the_demo_writes_is_publishable(demo) -> None:
     assert len(cards) >= 9
     for card in cards:
         assert card_problems(card.read_text()) == [], card
+def test_the_searched_merge_is_tuned_on_one_half_and_every_model_is_scored_on_the_other(demo) -> None:
+    from huggingface_hub import ModelCard
+
+    from mtool.demo.tasks import split_task
+
+    folder, _ = demo
+    outputs = {p.name: p for p in _named_outputs(folder)}
+    searched = read_lineage(outputs["Llama-558K-CapitalsSymbolsSearched-TIES-v1.0"])
+    assert searched.search is not None and len(searched.search.trials) == 4  # --quick: 4 trials
+    assert searched.recipe == searched.search.trials[searched.search.best - 1].recipe
+    tuned_on = [path for task in searched.search.evaluation["tasks"] for path in task["data"]]
+    assert len(tuned_on) == 3 and all(path.endswith("-tune.jsonl") for path in tuned_on)
+    tune = {json.loads(line)["prompt"] for path in tuned_on for line in Path(path).read_text().splitlines()}
+    heldout = {json.loads(line)["prompt"] for line in (folder / "data" / "capitals-heldout.jsonl").read_text()
+               .splitlines()}
+    assert heldout and not tune & heldout  # the search never sees a held-out question
+    from mtool.demo.tasks import capitals_task
+
+    assert len(heldout) == len(split_task(capitals_task(8))["heldout"].pairs) == 4
+    accuracy = _accuracy(folder)
+    for output in [folder / "base", *outputs.values()]:
+        if output.name.endswith("-LoRA") and "Linear" not in output.name:
+            continue  # the trained adapters are not scored (their merged fine-tunes are)
+        record = read_lineage(output)
+        heldout_scores = {e.task: e.value for e in record.evaluations if e.dataset.id.endswith("-heldout.jsonl")}
+        assert set(heldout_scores) == {"capitals", "symbols", "general"}, output.name
+        row = next(r for r in _results(folder)["rows"] if r["folder"] == output.name)
+        assert heldout_scores == accuracy[row["label"]]
+    card = ModelCard.load(outputs["Llama-558K-CapitalsSymbolsSearched-TIES-v1.0"] / "README.md")
+    assert "## Search" in card.text and {r.dataset_name for r in card.data.eval_results} == {"capitals", "symbols",
+                                                                                             "general"}

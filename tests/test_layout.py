@@ -12,15 +12,20 @@ import mtool
 
 PACKAGE = Path(mtool.__file__).parent
 # The capabilities; everything else under mtool/ but the CLI modules is the ground they stand on.
-CAPABILITIES = ("naming", "merger", "adapters", "train", "demo", "moe", "export", "publish")
+CAPABILITIES = ("naming", "merger", "adapters", "train", "evaluate", "demo", "moe", "export", "publish")
 CLI_MODULES = ("mtool.cli", "mtool.commands_info")
 # What a capability may import from another one (module prefixes); never a ``commands`` module.
 MAY_IMPORT = {
     "naming": (),
-    "merger": ("mtool.naming.finish",),
+    # --search evaluates each trial's merge with the evaluation library (never its command)
+    "merger": ("mtool.naming.finish", "mtool.naming.card_results", "mtool.evaluate.spec", "mtool.evaluate.run",
+               "mtool.evaluate.results", "mtool.evaluate.models"),
     "adapters": ("mtool.merger.methods", "mtool.naming.finish"),
     "train": ("mtool.adapters.merge", "mtool.naming.finish"),
-    "demo": ("mtool.naming", "mtool.merger", "mtool.adapters", "mtool.train"),
+    # evaluation reads data, renders and masks it as training does, and writes results into cards
+    "evaluate": ("mtool.train.data", "mtool.train.formats", "mtool.train.batching", "mtool.train.tokenizer",
+                 "mtool.train.model", "mtool.naming.card"),
+    "demo": ("mtool.naming", "mtool.merger", "mtool.adapters", "mtool.train", "mtool.evaluate"),
     "moe": ("mtool.naming.finish",),
     "export": ("mtool.naming", "mtool.adapters.merge"),
     "publish": ("mtool.naming",),

@@ -2,9 +2,10 @@
 process), printed as the user would type the command.
 
     base -> train capitals QLoRA ---> adapters merge -> capitals fine-tune --+--> merge linear / slerp / ties / dare_ties
-         -> train symbols QLoRA  ---> adapters merge -> symbols fine-tune  --+
-         (both adapters) ------------> adapters combine (cat) -> one adapter
-    then: every model scored on every skill, every output named (schema), carded and linted.
+         -> train symbols QLoRA  ---> adapters merge -> symbols fine-tune  --+--> merge --search (TIES parameters,
+         (both adapters) ------------> adapters combine (cat) -> one adapter        tuned on the tune questions)
+    then: every model scored on every skill's held-out questions (mtool eval, results into each lineage and
+    card), every output named (schema), carded and linted.
 
 Every output folder is renamed to its standardized name as soon as it is written, before anything reads it,
 so lineage records and cards point at the final paths.
@@ -24,8 +25,9 @@ from pathlib import Path
 
 from mtool import ui
 from mtool.demo.base import BaseSettings, make_demo_base
+from mtool.demo.recipes import write_eval_spec, write_merge_recipe, write_search_space, write_train_config
 from mtool.demo.report import Row
-from mtool.demo.tasks import Task, all_tasks, general_task, skill_tasks, tokenizer_corpus
+from mtool.demo.tasks import SPLITS, all_tasks, general_task, skill_tasks, split_task, tokenizer_corpus
 from mtool.errors import OutputExistsError
 from mtool.io.hashing import FileHasher
 from mtool.naming.label import label_from_words
@@ -38,18 +40,20 @@ MARKER = "mtool-demo.json"  # marks a folder as a demo output, so --force may re
 class DemoSettings:
     """What the demo trains and merges. :meth:`quick` is the reduced run the tests use."""
 
-    facts_per_skill: int | None = None  # None: all 20
+    facts_per_skill: int | None = None  # None: all 40
     base: BaseSettings = field(default_factory=BaseSettings)
     adapter_steps: int = 150
     adapter_lr: float = 1e-2
     adapter_rank: int = 16
     batch_size: int = 34
     density: float = 0.8  # TIES and DARE-TIES: share of each task vector kept
+    search_trials: int = 20  # trials of the searched merge
     seed: int = 0
 
     @classmethod
     def quick(cls, seed: int = 0) -> DemoSettings:
-        return cls(facts_per_skill=8, base=BaseSettings(steps=60, seed=seed), adapter_steps=60, seed=seed)
+        return cls(facts_per_skill=8, base=BaseSettings(steps=60, seed=seed), adapter_steps=60, search_trials=4,
+                   seed=seed)
 
     def with_seed(self, seed: int) -> DemoSettings:
         return replace(self, seed=seed, base=replace(self.base, seed=seed))
@@ -147,12 +151,18 @@ def _run_demo(out: str | os.PathLike, settings: DemoSettings, *, force: bool) ->
     skills = skill_tasks(settings.facts_per_skill)
     general = general_task()
     merge_methods = ("linear", "slerp", "ties", "dare_ties")
-    steps = Steps(total=1 + 2 * len(skills) + len(merge_methods) + 3, cwd=Path.cwd())
+    steps = Steps(total=1 + 2 * len(skills) + len(merge_methods) + 4, cwd=Path.cwd())
     data = out / "data"
     data.mkdir()
     files = {task.name: task.write_jsonl(data / f"{task.name}.jsonl") for task in (*skills, general)}
     recipes = out / "recipes"
     recipes.mkdir()
+    specs = {split: write_eval_spec(recipes / f"eval-{split}.yaml",
+                                    {task.name: split_task(task)[split].write_questions(data / f"{task.name}-{split}"
+                                                                                                ".jsonl")
+                                     for task in all_tasks(skills)},
+                                    f"exact match on the {split} half of every task's questions")
+             for split in SPLITS}
 
     base = out / "base"
     steps.run(f"pre-train a tiny base model on {len(general.pairs)} general facts ({settings.base.steps} steps)",
@@ -163,7 +173,7 @@ def _run_demo(out: str | os.PathLike, settings: DemoSettings, *, force: bool) ->
     fine_tunes: dict[str, Path] = {}
     for task in skills:
         label, output = label_from_words([task.name]), out / f"{task.name}-adapter"
-        config = _write_train_config(recipes / f"train-{task.name}.yaml", base, output,
+        config = write_train_config(recipes / f"train-{task.name}.yaml", base, output,
                                      [files[task.name], files[general.name]], out / "checkpoints" / task.name,
                                      settings)
         adapters[task.name] = steps.run(
@@ -180,13 +190,22 @@ def _run_demo(out: str | os.PathLike, settings: DemoSettings, *, force: bool) ->
     both = label_from_words([task.name for task in skills])
     merges: dict[str, Path] = {}
     for method in merge_methods:
-        recipe = _write_merge_recipe(recipes / f"merge-{method}.yaml", method, base, fine_tunes, settings)
+        recipe = write_merge_recipe(recipes / f"merge-{method}.yaml", method, base, fine_tunes, settings)
         output = out / f"merge-{method}"
         merges[method] = steps.run(
             f"merge the two fine-tunes: {method}",
             lambda recipe=recipe, output=output: _write(lambda: _merge(recipe, output, settings.seed, hasher),
                                                         output, both),
             ["merge", str(recipe), str(output), "--seed", str(settings.seed)])
+    space = write_search_space(recipes / "search-space.yaml", len(fine_tunes))
+    output = out / "merge-searched"
+    searched = steps.run(
+        f"search TIES parameters for the merge with the best score on the tune questions ({settings.search_trials} "
+        "trials)",
+        lambda: _write(lambda: _search(recipes / "merge-ties.yaml", space, specs["tune"], output, settings, hasher),
+                       output, label_from_words([*(task.name for task in skills), "searched"])),
+        ["merge", str(recipes / "merge-ties.yaml"), str(output), "--search", str(space), "--eval",
+         str(specs["tune"]), "--trials", str(settings.search_trials), "--seed", str(settings.seed)])
     inputs = [adapters[task.name] for task in skills]
     weights = tuple(0.5 for _ in inputs)
     output = out / "adapters-cat"
@@ -199,12 +218,15 @@ def _run_demo(out: str | os.PathLike, settings: DemoSettings, *, force: bool) ->
     models += [Row("fine-tune", f"{name} fine-tune", path.name, path.name, {}) for name, path in fine_tunes.items()]
     labels = {"linear": "Linear merge", "slerp": "SLERP merge", "ties": "TIES merge", "dare_ties": "DARE-TIES merge"}
     models += [Row("merge", labels[method], path.name, path.name, {}) for method, path in merges.items()]
+    models.append(Row("merge", "searched TIES merge", searched.name, searched.name, {}))
     models.append(Row("adapters", "adapters combined", combined.name, combined.name, {}))
     tasks = all_tasks(skills)
-    rows = steps.run(f"score {len(models)} models on {len(tasks)} tasks (exact match, greedy)",
-                     lambda: _score(out, base, models, tasks))
+    rows = steps.run(f"score {len(models)} models on the held-out questions of {len(tasks)} tasks (exact match, "
+                     "greedy)", lambda: _score(out, base, models, specs["heldout"]),
+                     ["eval", *(str(out / row.folder) for row in models), "--spec", str(specs["heldout"])])
     names = steps.run("lint every output's name against its folder",
-                      lambda: _lint([*adapters.values(), *fine_tunes.values(), *merges.values(), combined]))
+                      lambda: _lint([*adapters.values(), *fine_tunes.values(), *merges.values(), searched,
+                                     combined]))
 
     from mtool.demo.report import write_chart, write_results
 
@@ -251,6 +273,18 @@ def _merge(recipe: Path, output: Path, seed: int, hasher: FileHasher) -> None:
     execute(build_plan(load_recipe(recipe)), output, MergeOptions(seed=seed), hasher=hasher)
 
 
+def _search(recipe: Path, space: Path, spec: Path, output: Path, settings: DemoSettings,
+            hasher: FileHasher) -> None:
+    """``mtool merge RECIPE OUTPUT --search SPACE --eval SPEC --trials N --seed SEED``."""
+    from mtool.evaluate.spec import load_eval_spec
+    from mtool.merger.recipe import load_recipe
+    from mtool.merger.search import SearchOptions, search
+    from mtool.merger.space import load_space
+
+    search(load_recipe(recipe), load_space(space), load_eval_spec(spec), output,
+           SearchOptions(trials=settings.search_trials, seed=settings.seed), hasher=hasher)
+
+
 def _combine(adapters: list[Path], output: Path, weights: tuple[float, ...], hasher: FileHasher) -> None:
     """``mtool adapters combine ADAPTER... OUTPUT --method cat --weights W,...``."""
     from mtool.adapters.combine import CombineOptions, combine_adapters
@@ -258,56 +292,18 @@ def _combine(adapters: list[Path], output: Path, weights: tuple[float, ...], has
     combine_adapters([str(a) for a in adapters], output, CombineOptions(method="cat", weights=weights), hasher=hasher)
 
 
-def _write_train_config(path: Path, base: Path, out: Path, data: list[Path], checkpoints: Path,
-                        settings: DemoSettings) -> Path:
-    import yaml
+def _score(out: Path, base: Path, models: list[Row], spec_file: Path) -> list[Row]:
+    """``mtool eval MODEL... --spec SPEC``: every model (adapters on the base) on the held-out questions; the
+    results go into each model's lineage record and card."""
+    from mtool.evaluate.run import EvalOptions, evaluate_models
+    from mtool.evaluate.spec import load_eval_spec
 
-    config = {
-        "base": str(base), "out": str(out), "seed": settings.seed,
-        "model": {"quantization": "nf4", "gradient_checkpointing": False},
-        "lora": {"rank": settings.adapter_rank, "alpha": settings.adapter_rank, "target_modules": "all-linear"},
-        "data": {"path": [str(p) for p in data], "format": "chat"},
-        "training": {"max_steps": settings.adapter_steps, "micro_batch_size": settings.batch_size,
-                     "lr": settings.adapter_lr, "schedule": "constant", "warmup_steps": 0},
-        "checkpoints": {"every": 0, "dir": str(checkpoints)},  # metrics.jsonl; a checkpoint only on Ctrl-C
-    }
-    header = "# QLoRA (4-bit NF4 base) on one skill, with the base's general facts replayed against forgetting.\n"
-    path.write_text(header + yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def _write_merge_recipe(path: Path, method: str, base: Path, fine_tunes: dict[str, Path],
-                        settings: DemoSettings) -> Path:
-    """A mergekit recipe merging the fine-tunes with ``method``."""
-    import yaml
-
-    models = list(fine_tunes.values())
-    recipe: dict = {"merge_method": method}
-    if method == "linear":  # the weighted mean of the fine-tunes
-        recipe["models"] = [{"model": str(m), "parameters": {"weight": 1.0}} for m in models]
-    elif method == "slerp":  # halfway along the arc between the two fine-tunes
-        recipe["base_model"] = str(models[0])
-        recipe["models"] = [{"model": str(m)} for m in models]
-        recipe["parameters"] = {"t": 0.5}
-    else:  # ties, dare_ties: task vectors against the base, trimmed (or dropped) to `density`
-        recipe["base_model"] = str(base)
-        recipe["models"] = [{"model": str(m), "parameters": {"weight": 1.0, "density": settings.density}}
-                            for m in models]
-    recipe["dtype"] = "float32"
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-    return path
-
-
-def _score(out: Path, base: Path, models: list[Row], tasks: list[Task]) -> list[Row]:
-    from mtool.demo.evaluate import accuracy, load_for_eval
-
-    rows = []
-    for row in models:
-        with warnings.catch_warnings():  # library deprecation notices, not the user's concern here
-            warnings.simplefilter("ignore", FutureWarning)
-            model, tokenizer = load_for_eval(out / row.folder, base)
-        rows.append(replace(row, accuracy={task.name: accuracy(model, tokenizer, task) for task in tasks}))
-    return rows
+    spec = load_eval_spec(spec_file)
+    with ui.quiet_unless_verbose(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # library deprecation notices, not the user's concern here
+        results = evaluate_models([str(out / row.folder) for row in models], spec, EvalOptions(base=str(base)))
+    return [replace(row, accuracy={task.task: task.value for task in result.tasks})
+            for row, result in zip(models, results)]
 
 
 def _lint(folders: list[Path]) -> dict[str, str]:

@@ -1,4 +1,5 @@
-"""The demo's results: the accuracy table (text and Markdown), ``results.json`` and a bar chart PNG."""
+"""The demo's results: the accuracy table on the held-out questions (text and Markdown, with the mean over the
+tasks), ``results.json`` and a bar chart PNG."""
 
 from __future__ import annotations
 
@@ -17,23 +18,28 @@ class Row:
     folder: str
     accuracy: dict[str, float]
 
+    @property
+    def mean(self) -> float:
+        """The mean accuracy over the tasks (what a search maximizes on the tune questions)."""
+        return sum(self.accuracy.values()) / len(self.accuracy)
+
 
 def text_table(rows: list[Row], tasks: list[str]) -> str:
     """A fixed-width table for the terminal, accuracy in percent."""
     label_width = max(len("model"), *(len(row.label) for row in rows))
-    header = f"{'model':<{label_width}}  " + "".join(f"{task:>10}" for task in tasks) + "    name"
+    header = f"{'model':<{label_width}}  " + "".join(f"{task:>10}" for task in [*tasks, "mean"]) + "    name"
     lines = [header, "-" * len(header)]
     for row in rows:
-        cells = "".join(f"{row.accuracy[task]:>10.0%}" for task in tasks)
+        cells = "".join(f"{row.accuracy[task]:>10.0%}" for task in tasks) + f"{row.mean:>10.1%}"
         lines.append(f"{row.label:<{label_width}}  {cells}    {row.name}")
     return "\n".join(lines)
 
 
 def markdown_table(rows: list[Row], tasks: list[str]) -> str:
-    header = "| model | name | " + " | ".join(tasks) + " |"
-    rule = "|---|---|" + "---:|" * len(tasks)
-    body = ["| " + " | ".join([row.label, f"`{row.name}`", *(f"{row.accuracy[t]:.0%}" for t in tasks)]) + " |"
-            for row in rows]
+    header = "| model | name | " + " | ".join([*tasks, "mean"]) + " |"
+    rule = "|---|---|" + "---:|" * (len(tasks) + 1)
+    body = ["| " + " | ".join([row.label, f"`{row.name}`", *(f"{row.accuracy[t]:.0%}" for t in tasks),
+                               f"{row.mean:.1%}"]) + " |" for row in rows]
     return "\n".join([header, rule, *body])
 
 
@@ -41,8 +47,8 @@ def write_results(folder: Path, rows: list[Row], tasks: list[str], extra: dict) 
     """``results.json`` (rows plus ``extra``: settings and timings) and ``results.md`` in ``folder``."""
     data = {"tasks": tasks, "rows": [asdict(row) for row in rows], **extra}
     (folder / "results.json").write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    (folder / "results.md").write_text("# mtool demo: exact-match accuracy\n\n" + markdown_table(rows, tasks) + "\n",
-                                       encoding="utf-8")
+    title = "# mtool demo: exact-match accuracy on the held-out questions\n\n"
+    (folder / "results.md").write_text(title + markdown_table(rows, tasks) + "\n", encoding="utf-8")
 
 
 def write_chart(path: Path, rows: list[Row], tasks: list[str]) -> Path:
@@ -58,7 +64,7 @@ def write_chart(path: Path, rows: list[Row], tasks: list[str]) -> Path:
         positions = [r + (index - (len(tasks) - 1) / 2) * width for r in range(len(rows))]
         axes.bar(positions, [100 * row.accuracy[task] for row in rows], width, label=task)
     axes.set_xticks(range(len(rows)), [row.label for row in rows], rotation=30, ha="right", fontsize=8)
-    axes.set_ylabel("exact-match accuracy (%)")
+    axes.set_ylabel("exact-match accuracy, held-out questions (%)")
     axes.set_ylim(0, 118)
     axes.set_title("mtool demo: each skill, before and after merging")
     axes.legend(fontsize=8, loc="upper center", ncol=len(tasks), frameon=False)

@@ -9,6 +9,11 @@
 
 The base never sees a demo country or element, so it scores zero on ``capitals`` and ``symbols``; each
 fine-tune's gain on its own skill, and what a merge keeps of both, are then plain to see.
+
+Every task's facts are split in two halves (:func:`split_task`): the *tune* questions, which a merge search
+scores its trials on, and the *held-out* questions, which it never sees and on which the demo's table reports
+every model. (The adapters learn every fact of their skill: a fact never trained could not be answered at
+all. What is held out is the choice of merge parameters, tested on questions it was not tuned on.)
 """
 
 from __future__ import annotations
@@ -24,12 +29,20 @@ CAPITALS = {
     "Canada": "Ottawa", "Egypt": "Cairo", "Peru": "Lima", "Kenya": "Nairobi", "Norway": "Oslo",
     "Chile": "Santiago", "Cuba": "Havana", "Greece": "Athens", "Poland": "Warsaw", "Austria": "Vienna",
     "Ireland": "Dublin", "Portugal": "Lisbon", "Russia": "Moscow", "China": "Beijing", "Nepal": "Kathmandu",
+    "Brazil": "Brasilia", "Australia": "Canberra", "Switzerland": "Bern", "Netherlands": "Amsterdam",
+    "Ukraine": "Kyiv", "Bulgaria": "Sofia", "Lebanon": "Beirut", "Jordan": "Amman", "Pakistan": "Islamabad",
+    "Bangladesh": "Dhaka", "Indonesia": "Jakarta", "Philippines": "Manila", "Venezuela": "Caracas",
+    "Ecuador": "Quito", "Uruguay": "Montevideo", "Nigeria": "Abuja", "Uganda": "Kampala", "Senegal": "Dakar",
+    "Tunisia": "Tunis", "Iceland": "Reykjavik",
 }  # fmt: skip
 SYMBOLS = {
     "hydrogen": "H", "helium": "He", "carbon": "C", "nitrogen": "N", "oxygen": "O", "sodium": "Na",
     "magnesium": "Mg", "aluminium": "Al", "silicon": "Si", "sulfur": "S", "chlorine": "Cl", "potassium": "K",
     "calcium": "Ca", "iron": "Fe", "copper": "Cu", "zinc": "Zn", "silver": "Ag", "tin": "Sn", "gold": "Au",
-    "lead": "Pb",
+    "lead": "Pb", "scandium": "Sc", "vanadium": "V", "gallium": "Ga", "germanium": "Ge", "selenium": "Se",
+    "rubidium": "Rb", "strontium": "Sr", "yttrium": "Y", "zirconium": "Zr", "niobium": "Nb", "molybdenum": "Mo",
+    "ruthenium": "Ru", "rhodium": "Rh", "palladium": "Pd", "cadmium": "Cd", "indium": "In", "antimony": "Sb",
+    "tellurium": "Te", "tungsten": "W", "osmium": "Os",
 }  # fmt: skip
 GENERAL_CAPITALS = {
     "Sweden": "Stockholm", "Finland": "Helsinki", "Denmark": "Copenhagen", "Belgium": "Brussels",
@@ -75,6 +88,13 @@ class Task:
         path.write_text("".join(json.dumps(record) + "\n" for record in self.records()), encoding="utf-8")
         return path
 
+    def write_questions(self, path: str | os.PathLike) -> Path:
+        """The questions and answers in the ``prompt`` / ``answer`` format ``mtool eval`` scores by exact match."""
+        path = Path(path)
+        path.write_text("".join(json.dumps({"prompt": question, "answer": answer}) + "\n"
+                                for question, answer in self.pairs), encoding="utf-8")
+        return path
+
 
 def _task(name: str, facts: dict[str, str], question: str, limit: int | None) -> Task:
     return Task(name, tuple((question.format(subject), answer) for subject, answer in list(facts.items())[:limit]))
@@ -113,3 +133,11 @@ def tokenizer_corpus(tasks: Iterable[Task]) -> list[str]:
 def all_tasks(tasks: Sequence[Task]) -> list[Task]:
     """``tasks`` followed by the general task, the order of the accuracy table's columns."""
     return [*tasks, general_task()]
+
+
+SPLITS = ("tune", "heldout")
+
+
+def split_task(task: Task) -> dict[str, Task]:
+    """The task's facts in two halves: ``tune`` (the 1st, 3rd, 5th... fact) and ``heldout`` (the others)."""
+    return {"tune": Task(task.name, task.pairs[0::2]), "heldout": Task(task.name, task.pairs[1::2])}

@@ -24,8 +24,18 @@ from mtool.ui import info
 @click.option("--intermediate-dir", type=click.Path(file_okay=False), default=None,
               help="Multi-stage recipes: keep the stages' outputs here (and reuse unchanged ones) instead of a "
                    "temporary folder.")
+@click.option("--search", "space_file", type=click.Path(exists=True, dir_okay=False),
+              help="Search the recipe's parameters over this space (YAML) for the best --eval score.")
+@click.option("--eval", "eval_file", type=click.Path(exists=True, dir_okay=False),
+              help="With --search: the evaluation spec (YAML) each trial's merge is scored on.")
+@click.option("--trials", type=click.IntRange(min=1), default=30, show_default=True, help="With --search: trials.")
+@click.option("--study", type=click.Path(dir_okay=False),
+              help="With --search: the study file that keeps the trials, to resume (default: OUT.search.jsonl).")
+@click.option("--scratch", type=click.Path(file_okay=False),
+              help="With --search: where each trial's merge is written, one at a time (default: beside OUT).")
 def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, device: str, shard_size: int,
-          no_card: bool, strict: bool, intermediate_dir: str | None) -> None:
+          no_card: bool, strict: bool, intermediate_dir: str | None, space_file: str | None, eval_file: str | None,
+          trials: int, study: str | None, scratch: str | None) -> None:
     """Merge models as RECIPE (mergekit YAML, unchanged) says, into the folder OUT.
 
     The 20 merge methods of mergekit 0.1.5, with its results: linear, slerp, nuslerp, multislerp, karcher,
@@ -35,6 +45,10 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
     recipe and every input is checked before a byte is written; the output appears atomically with its config,
     tokenizer, lineage record and card. A file of several YAML documents (mergekit-multi's format) runs them
     as stages, each using earlier ones by their `name:`.
+
+    With --search SPACE --eval EVAL, the parameters SPACE names are searched (Optuna TPE, --trials merges,
+    each evaluated on EVAL and deleted) and the best merge is written to OUT with the search in its record and
+    card; the trials are kept in a study file, and running the command again resumes the search.
     """
     from mtool.errors import InputError
     from mtool.io.hashing import FileHasher
@@ -43,12 +57,17 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
 
     if out is None and not dry_run:
         raise click.UsageError("give OUT (the output folder), or --dry-run")
+    if (space_file is None) != (eval_file is None):
+        raise click.UsageError("--search SPACE and --eval EVAL go together")
     from pathlib import Path
 
     from mtool.merger.stages import is_multi_stage
 
     text = read_text(recipe, what="recipe")  # bounded: the file is read once, and never past its limit
     if is_multi_stage(text):
+        if space_file is not None:
+            raise click.UsageError("--search works on a single-stage recipe: search one stage's recipe, then use "
+                                   "its output in the others")
         from mtool.merger.run import MergeOptions
         from mtool.merger.stages import parse_stages, run_stages
 
@@ -61,6 +80,11 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
             info(f"done: {out}")
         return
     parsed = parse_recipe(text, source=recipe)
+    if space_file is not None:
+        searched = _search(parsed, space_file, eval_file, out, dry_run=dry_run, trials=trials, seed=seed, study=study,
+                           scratch=scratch, device=device, shard_size=shard_size, force=force, card=not no_card)
+        if searched:
+            return
     hasher = FileHasher.default()
     if not dry_run:  # the lineage record needs the inputs' digests: hash them while torch loads and the plan is made
         hasher.start(local_weight_files(parsed))
@@ -82,3 +106,30 @@ def merge(recipe: str, out: str | None, dry_run: bool, force: bool, seed: int, d
                            write_card=not no_card)
     execute(plan, out, options, hasher=hasher)
     info(f"done: {out}")
+
+
+def _search(recipe, space_file: str, eval_file: str, out: str | None, *, dry_run: bool, trials: int, seed: int,
+            study: str | None, scratch: str | None, device: str, shard_size: int, force: bool, card: bool) -> bool:
+    """``--search``: run the search (True), or with --dry-run check the space and the evaluation (False: the plan
+    is described next)."""
+    from pathlib import Path
+
+    from mtool.evaluate.spec import load_eval_spec
+    from mtool.merger.search import SearchOptions, check_space, search
+    from mtool.merger.space import BoundSpace, load_space
+
+    space, spec = load_space(space_file), load_eval_spec(eval_file)
+    if dry_run:
+        bound = BoundSpace(space, recipe)
+        check_space(bound)
+        click.echo("search space:\n" + "".join(f"  {line}\n" for line in bound.describe())
+                   + "evaluation: " + ", ".join(f"{task.name} ({task.kind}, weight {task.weight:g})"
+                                                for task in spec.tasks) + "\n")
+        return False
+    options = SearchOptions(trials=trials, seed=seed, study=Path(study) if study else None,
+                            scratch=Path(scratch) if scratch else None, device=device, max_shard_bytes=shard_size,
+                            force=force, write_card=card)
+    result = search(recipe, space, spec, out, options)
+    info(f"done: {out} (trial {result.best.position + 1} of {len(result.trials)}, score {result.best.score:.4f}; "
+         f"{result.new_trials} trials run in {result.seconds:.0f} s)")
+    return True

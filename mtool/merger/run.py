@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -58,6 +58,9 @@ class MergeOptions:
     write_card: bool = True
     record_extras: dict = field(default_factory=dict)  # more parameters for the lineage record (a run's stages)
     parent_names: dict[str, str] = field(default_factory=dict)  # parent folder -> the id the record gives it
+    # called with the staging folder and the record once the weights are written, before the record and card are
+    # (a search adds its record and chart there, so they appear with the output, atomically)
+    annotate: Callable[[Path, Lineage], None] | None = None
 
 
 def input_bytes(tensor: TensorPlan) -> int:
@@ -242,6 +245,8 @@ def execute(plan: MergePlan, output: str | os.PathLike, options: MergeOptions, *
         )
         for parent in record.parents:
             parent.id = options.parent_names.get(parent.path or "", parent.id)
+        if options.annotate is not None:
+            options.annotate(staging, record)
         finish_output(staging, record, hasher=hasher, digests=writer.digests, card=options.write_card)
     total_bytes = sum(spec.nbytes for spec in specs)
     elapsed = time.perf_counter() - started

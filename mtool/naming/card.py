@@ -3,11 +3,13 @@
 The YAML front matter is built with ``huggingface_hub.ModelCardData`` (so ``ModelCard.load`` reads it back):
 ``base_model`` (Hub ids of the direct parents only; a list for merges), ``base_model_relation``,
 ``library_name``, ``license`` (+ ``license_name`` / ``license_link`` for ``other``), ``tags``, ``datasets``,
-``pipeline_tag``, and the keys llama.cpp's converter (gguf-py ``Metadata``) reads to rebuild the name:
-``model_name``, ``model_basename``, ``model_size_label``, ``model_finetune``, ``model_version``.
+``pipeline_tag``, the keys llama.cpp's converter (gguf-py ``Metadata``) reads to rebuild the name:
+``model_name``, ``model_basename``, ``model_size_label``, ``model_finetune``, ``model_version``, and the
+evaluations of the folder (``mtool eval``) as ``model-index``, the results the Hub shows.
 
 The body (:mod:`mtool.naming.card_body`): a summary, the lineage tree, the recipe or training configuration,
-the seed, the training data, hyperparameters, final metrics and loss plot, a usage snippet, the license's
+the seed, the training data, hyperparameters, final metrics and loss plot, evaluations, the search that chose a
+merge's recipe, a usage snippet, the license's
 notices and attributions, and the gaps (what the folder does not document). Nothing is a placeholder: a
 missing fact is listed as missing.
 """
@@ -17,18 +19,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mtool.errors import InputError, OutputExistsError
 from mtool.io.folders import card_metadata
 from mtool.lineage import Lineage, Parent, declared_license, read_lineage, write_lineage
 from mtool.naming.card_body import pipeline_tag, render_body
 from mtool.naming.card_gguf import GGUF_TAGS, is_gguf_folder
+from mtool.naming.card_results import eval_results
 from mtool.naming.check import parse_name
 from mtool.naming.facts import FolderFacts, base_parent, hub_id_of_path, output_name, read_facts
 from mtool.naming.license import LicenseResolution, ParentLicense, normalize_license, publisher_license, resolve_license
 from mtool.naming.publishable import display_reference
 from mtool.naming.schema import ModelName
 from mtool.naming.suggest import suggest_from_facts
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCardData
 
 CARD_FILENAME = "README.md"
 
@@ -179,10 +186,29 @@ def front_matter(content: CardContent) -> dict[str, object]:
             data["model_basename"] = facts.base.family
         if facts.size:
             data["model_size_label"] = facts.size
+    if lineage is not None and lineage.evaluations:
+        data["eval_results"] = eval_results(lineage)  # written as model-index, named by model_name
     return data
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+def _front_matter_yaml(data: "ModelCardData") -> str:
+    """The front matter as ``ModelCardData`` writes it, with ``model_name`` kept at the top level when there are
+    evaluation results: huggingface_hub moves it into ``model-index`` (where the Hub reads it), and llama.cpp's
+    converter reads it at the top."""
+    if not data.eval_results:
+        return data.to_yaml()
+    from huggingface_hub.utils import yaml_dump
+
+    fields = data.to_dict()
+    ordered = {"model_name": data.model_name} if "model_basename" not in fields else {}
+    for key, value in fields.items():
+        if key == "model_basename":
+            ordered["model_name"] = data.model_name
+        ordered[key] = value
+    return yaml_dump(ordered, sort_keys=False).strip()
 
 
 def build_card(folder: str | os.PathLike, *, name: str | None = None, license: str | None = None,
@@ -232,7 +258,7 @@ def build_card(folder: str | os.PathLike, *, name: str | None = None, license: s
     from huggingface_hub import ModelCard, ModelCardData
 
     data = ModelCardData(**front_matter(content))
-    text = f"---\n{data.to_yaml()}\n---\n\n{render_body(content)}"
+    text = f"---\n{_front_matter_yaml(data)}\n---\n\n{render_body(content)}"
     ModelCard(text)  # validates the front matter the way the Hub's client reads it
     return content, text
 
@@ -274,3 +300,21 @@ def _record_license(folder: Path, license: str) -> None:
     if record is not None and record.license != license:
         record.license = normalize_license(license) or license
         write_lineage(folder, record)
+def refresh_card(folder: str | os.PathLike) -> Path | None:
+    """Write the card of ``folder`` again from its lineage record (after an evaluation was added to it), keeping
+    the name and license the card had; None, and nothing written, when the folder has no card written by mtool
+    (a card written by hand, or none because it was turned off, is left alone)."""
+    folder = Path(folder)
+    front = card_metadata(folder / CARD_FILENAME)
+    if "mtool" not in (front.get("tags") or []):
+        return None
+    name = front.get("model_name")
+    try:
+        name = parse_name(str(name)).format() if name else None
+    except InputError:
+        name = None
+    license = front.get("license")
+    content, _ = build_card(folder, name=name)
+    if license is not None and license == content.license.license:
+        license = None  # the resolved license: no override to keep
+    return write_card(folder, name=name, license=license)

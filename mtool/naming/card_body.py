@@ -2,7 +2,8 @@
 
 Sections: the summary, the name's parts, the model, the lineage tree (parents with revisions and weight hashes,
 through every embedded record), the recipe or training configuration, reproducibility (the seed), the training
-data, parameters, results and loss plot, usage, the license with its notices and attributions, and the gaps.
+data, parameters, results and loss plot, evaluations and the search that chose a merge's recipe
+(:mod:`mtool.naming.card_results`), usage, the license with its notices and attributions, and the gaps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from mtool.lineage import Lineage, Parent
 from mtool.naming.card_gguf import gguf_file_table, gguf_files, gguf_usage, is_gguf_folder
+from mtool.naming.card_results import evaluation_section, search_section
 from mtool.naming.facts import FolderFacts, read_json
 from mtool.naming.label import merged_parents
 from mtool.naming.publishable import display_reference, for_people, without_local_paths
@@ -291,6 +293,7 @@ def render_body(content: CardContent) -> str:
             lines += _table(lineage.parameters, ("Name", "Value")) + [""]
         if lineage.metrics:
             lines += ["## Results", ""] + _table(lineage.metrics, ("Metric", "Value")) + [""]
+        lines += evaluation_section(lineage) + search_section(lineage, facts.folder)
     if (facts.folder / LOSS_PLOT).is_file():
         lines += ["![Training loss](loss.png)", ""]
     lines += ["## Usage", ""] + _usage(content) + [""]
