@@ -39,8 +39,9 @@ def mtool_run(model_dir: Path, seq: int, batch: int, device_type: str) -> dict:
     from mtool.train.batching import plan_steps
     from mtool.train.config import load_config
     from mtool.train.distributed import Processes
-    from mtool.train.estimate import estimate_for_config, measure_peak_bytes
+    from mtool.train.estimate import estimate_for_config
     from mtool.train.loop import Loop, StopRequest, train_step
+    from mtool.train.measure import measure_peak_bytes
     from mtool.train.metrics import MetricsLog
     from mtool.train.model import build_model, trainable_parameters
     from mtool.train.optim import build_optimizer
@@ -56,7 +57,8 @@ def mtool_run(model_dir: Path, seq: int, batch: int, device_type: str) -> dict:
     })
     started = time.time()
     tokenizer = load_tokenizer(str(model_dir))
-    model, liger = build_model(str(model_dir), tokenizer, config.model, config.lora, device=device, seed=0)
+    model, modes = build_model(str(model_dir), tokenizer, config.model, config.lora, device=device, seed=0)
+    liger = modes.liger
     optimizer = build_optimizer(trainable_parameters(model), config.training, device)
     vocab = min(128000, model.get_input_embeddings().weight.shape[0])
     generator = torch.Generator().manual_seed(0)

@@ -7,7 +7,8 @@ import torch
 
 from mtool.train.batching import collate
 from mtool.train.config import load_config
-from mtool.train.estimate import estimate_for_config, measure_peak_bytes
+from mtool.train.estimate import estimate_for_config
+from mtool.train.measure import measure_peak_bytes
 from mtool.train.model import build_model, trainable_parameters
 from mtool.train.optim import build_optimizer
 from mtool.train.tokenizer import load_tokenizer
