@@ -290,15 +290,22 @@ def _is_swiglu_mlp(module: Any, activation: str | None) -> bool:
 
 def fuse_blocks(model: Any) -> tuple[int, int]:
     """Switch the SwiGLU MLPs and q/k/v projections of a Llama-family model to the fused nodes; returns
-    ``(MLPs, attention modules)`` switched. Blocks whose projections cannot be fused stay as they are at run time."""
+    ``(MLPs, attention modules)`` switched. Blocks with a projection that cannot be fused (DoRA, dropout, a LoRA
+    bias) are left alone; a switched block checks again at every call (adapters disabled, several adapters)."""
     config = getattr(model, "config", None)
     activation = getattr(getattr(config, "get_text_config", lambda: config)(), "hidden_act", None)
     mlps = attentions = 0
+
+    def fusable(module: Any, names: tuple[str, ...]) -> bool:
+        return all(projection_parts(getattr(module, name)) is not None for name in names)
+
     for module in model.modules():
-        if _is_swiglu_mlp(module, activation) and not type(module).__name__.startswith("Fused"):
+        if _is_swiglu_mlp(module, activation) and not type(module).__name__.startswith("Fused") and \
+                fusable(module, ("gate_proj", "up_proj", "down_proj")):
             module.__class__ = fused_mlp_class(type(module))
             mlps += 1
-        elif all(hasattr(module, n) for n in QKVGroup.names) and not hasattr(module, "_mtool_qkv_group"):
+        elif all(hasattr(module, n) for n in QKVGroup.names) and not hasattr(module, "_mtool_qkv_group") and \
+                fusable(module, QKVGroup.names):
             group = QKVGroup(module)
             module._mtool_qkv_group = group
             for name in QKVGroup.names:

@@ -141,9 +141,11 @@ class ActivationOffloader:
 def offload_checkpointed_layers(model: Any, offloader: ActivationOffloader) -> int:
     """Make ``offloader.checkpoint`` the checkpoint function of every checkpointed layer of ``model`` (after
     gradient checkpointing was enabled); returns how many layers use it."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
     count = 0
     for module in model.modules():
-        if getattr(module, "gradient_checkpointing", False) and hasattr(module, "_gradient_checkpointing_func"):
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
             module._gradient_checkpointing_func = offloader.checkpoint
             count += 1
     return count

@@ -15,8 +15,9 @@ rounded to the compute dtype (bitsandbytes dequantizes to it before its matmul) 
 accumulation; ``s u v`` is added in float32 (PEFT adds its float32 LoRA output the same way) and the sum
 rounded once. ``W`` never exists in memory as a whole.
 
-Triton's interpreter mis-multiplies bfloat16 ``tl.dot`` operands, so under it (and for float32 inputs, which
-are multiplied in IEEE float32 rather than TF32) the tiles are multiplied as float32.
+Triton's interpreter mis-multiplies bfloat16 ``tl.dot`` operands and truncates where a GPU rounds to
+bfloat16, so under it bfloat16 tiles are rounded as a GPU rounds (:mod:`.rounding`) and multiplied as float32
+(float32 inputs are multiplied in IEEE float32 rather than TF32 everywhere).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import triton
 import triton.language as tl
 
 from mtool.train.kernels import interpreting
+from mtool.train.kernels.rounding import round_to_bfloat16
 
 if TYPE_CHECKING:
     from mtool.train.frozen_weight import LowRank, QuantizedWeight
@@ -39,7 +41,7 @@ def _nf4_matmul_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, cod
                        stride_vr, stride_vp, stride_om, stride_op, scale,
                        BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
                        LOW_RANK: tl.constexpr, R_BLOCK: tl.constexpr, DOT_FP32: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
+                       ROUND_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,7 +64,10 @@ def _nf4_matmul_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, cod
                                                              other=0.0) + tl.load(offset_ptr)
         else:
             block_scale = tl.load(absmax_ptr + block, mask=w_mask, other=0.0)
-        w = (value * block_scale).to(x.dtype)
+        w = value * block_scale
+        if ROUND_BF16:
+            w = round_to_bfloat16(w)
+        w = w.to(x.dtype)
         if DOT_FP32:
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
@@ -74,6 +79,8 @@ def _nf4_matmul_kernel(x_ptr, packed_ptr, code_ptr, absmax_ptr, absmax2_ptr, cod
         v = tl.load(v_ptr + rr[:, None] * stride_vr + rp[None, :] * stride_vp,
                     mask=(rr[:, None] < R) & (rp[None, :] < P), other=0.0)
         acc += scale * tl.dot(u, v, input_precision="ieee")
+    if ROUND_BF16:
+        acc = round_to_bfloat16(acc)
     out_mask = (rm[:, None] < M) & (rp[None, :] < P)
     tl.store(out_ptr + rm[:, None] * stride_om + rp[None, :] * stride_op, acc.to(out_ptr.dtype.element_ty),
              mask=out_mask)
@@ -110,12 +117,13 @@ def nf4_matmul(x: torch.Tensor, weight: "QuantizedWeight", *, transposed: bool,
         u, v, scale, r = out, out, 0.0, 0
     block_m, block_p, block_q, warps = _blocks(m)
     grid = (triton.cdiv(m, block_m), triton.cdiv(p, block_p))
-    dot_fp32 = x.dtype == torch.float32 or (interpreting() and x.dtype == torch.bfloat16)
+    emulated_bf16 = interpreting() and x.dtype == torch.bfloat16
+    dot_fp32 = x.dtype == torch.float32 or emulated_bf16
     _nf4_matmul_kernel[grid](
         x, weight.packed_bytes(), code, absmax, absmax2, code2, offset, u, v, out, m, p, q, r,
         x.stride(0), x.stride(1), stride_wp, stride_wq, u.stride(0), u.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), scale,
         BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.state2.blocksize if nested else 1, NESTED=nested,
         LOW_RANK=low_rank is not None, R_BLOCK=max(16, triton.next_power_of_2(max(r, 1))), DOT_FP32=dot_fp32,
-        BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=warps)
+        ROUND_BF16=emulated_bf16, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_Q=block_q, num_warps=warps)
     return out
