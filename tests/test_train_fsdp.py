@@ -1,0 +1,88 @@
+"""FSDP2 on CPU (gloo) through torchrun: two processes sharding a QLoRA model compute the losses of one process
+accumulating two micro-batches, and the FSDP run's checkpoint resumes in a single process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from mtool.train.config import validate_config
+from mtool.train.run import train
+from tests.support.train_helpers import alpaca_records, base_config, write_jsonl
+
+
+def step_losses(folder):
+    rows = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+    return [row["loss"] for row in rows if "loss" in row]
+
+
+@pytest.mark.slow
+def test_fsdp_matches_one_process_and_its_checkpoint_resumes_in_one_process(tiny_llama, tmp_path):
+    from safetensors.torch import load_file
+
+    data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_records(20))
+    # QLoRA (the 4-bit weights shard as float32 storage), dropout on (its masks do not depend on the layout)
+    common = {"training.micro_batch_size": 2, "training.max_steps": 4, "lora.dropout": 0.1,
+              "model.quantization": "nf4", "model.gradient_checkpointing": True, "training.parallelism": "fsdp"}
+    single = tmp_path / "single"
+    train(validate_config(base_config(tiny_llama, data, single, **common, **{"training.grad_accum": 2}), where="t"))
+
+    sharded = tmp_path / "sharded"
+    fsdp_config = base_config(tiny_llama, data, sharded, **common, **{"training.grad_accum": 1, "checkpoints.every": 2})
+    config_path = tmp_path / "fsdp.yaml"
+    config_path.write_text(yaml.safe_dump(fsdp_config))
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "mtool.cli", "-q", "train", str(config_path)],
+        env=environment, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    reference = step_losses(single)
+    assert step_losses(sharded) == pytest.approx(reference, rel=1e-5)
+    lineage = json.loads((sharded / "mtool-lineage.json").read_text())
+    assert lineage["parameters"]["processes"] == 2 and lineage["parameters"]["parallelism"] == "fsdp"
+    expected = load_file(single / "adapter_model.safetensors")
+    written = load_file(sharded / "adapter_model.safetensors")  # gathered from the shards
+    assert written.keys() == expected.keys()
+    for name, tensor in written.items():
+        torch.testing.assert_close(tensor, expected[name], atol=2e-6, rtol=1e-4)
+
+    # resume the FSDP run from its step-2 checkpoint in one process (2 micro-batches per step either way)
+    checkpoints = tmp_path / "sharded-checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-000002"]
+    state = json.loads((checkpoints / "step-000002" / "trainer-state.json").read_text())
+    assert state["world_size"] == 2
+    shutil.rmtree(sharded)
+    resumed = validate_config({**fsdp_config, "training": {**fsdp_config["training"], "grad_accum": 2}}, where="t")
+    train(resumed, resume=True)
+    assert step_losses(sharded) == pytest.approx(reference, rel=1e-5)
+    for name, tensor in load_file(sharded / "adapter_model.safetensors").items():
+        torch.testing.assert_close(tensor, expected[name], atol=2e-6, rtol=1e-4)
+
+
+def test_resuming_with_other_micro_batches_per_step_is_refused(tiny_llama, tmp_path):
+    from mtool.errors import ConfigError
+
+    data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_records(12))
+    config = base_config(tiny_llama, data, tmp_path / "out", **{"training.max_steps": 2, "checkpoints.every": 1,
+                                                                 "training.grad_accum": 2})
+    train(validate_config(config, where="t"))
+    shutil.rmtree(tmp_path / "out")
+    other = validate_config({**config, "training": {**config["training"], "grad_accum": 1}}, where="t")
+    with pytest.raises(ConfigError, match="micro-batches"):
+        train(other, resume=True)
+
+
+def test_fsdp_refuses_bitsandbytes_optimizers():
+    from mtool.errors import ConfigError
+    from mtool.train.config import load_config
+
+    with pytest.raises(ConfigError, match="with training.parallelism fsdp use adamw"):
+        load_config(None, {"base": "x", "training.parallelism": "fsdp", "training.optimizer": "adamw_8bit"})
