@@ -197,7 +197,8 @@ def test_fused_mlp_and_qkv_give_peft_gradients(architecture, targets):
         with count_saved_tensors(model) as saved:
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, saved.bytes))
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads, saved.bytes))
     (loss_ref, grads_ref, kept_ref), (loss_lean, grads_lean, kept_lean) = results
     torch.testing.assert_close(loss_lean, loss_ref, rtol=1e-12, atol=1e-12)
     assert grads_lean.keys() == grads_ref.keys()

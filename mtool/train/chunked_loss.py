@@ -10,8 +10,9 @@ whole optimizer step, see :mod:`mtool.train.loop`):
     dloss/dH_t = (dloss/dz_t) W       dloss/dW = sum_t (dloss/dz_t)^T H_t   (only when W trains)
 
 Only the trained positions are computed at all (a prompt-masked SFT batch spends no head FLOPs on its
-prompts), a chunk of them at a time: the logits of a chunk are made in the compute dtype, upcast to float32
-(as transformers' loss does), turned into the loss and the gradients above, and dropped before the next chunk.
+prompts), a chunk of them at a time (:func:`chunk_rows`): the logits of a chunk are made in the compute dtype,
+upcast to float32 (as transformers' loss does), turned in place into the loss and the gradients above, and
+dropped before the next chunk.
 The gradients are computed in the forward pass, so the backward pass only scales them by the incoming
 gradient; what is kept for it is ``dloss/dH`` of the trained positions (``h`` values per token) instead of the
 float32 log-probabilities (``V`` per token) that ``torch.nn.functional.cross_entropy`` keeps. The head
@@ -33,30 +34,37 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100
 
 
+MIN_ROWS = 128  # narrower products run the head's matmul several times slower (CPU and GPU alike)
+
+
 def chunk_rows(tokens: int, vocab: int, hidden: int) -> int:
     """Tokens per chunk: a chunk's logits take about as much memory as the hidden states of all ``tokens``
-    (``ceil(V / h)`` chunks, rounded up to a power of two rows, at least 16)."""
+    (``ceil(V / h)`` chunks, rounded up to a power of two rows), but at least ``MIN_ROWS`` rows (fewer if there
+    are fewer tokens)."""
     chunks = max(1, math.ceil(vocab / max(1, hidden)))
-    return max(16, 1 << max(0, math.ceil(tokens / chunks) - 1).bit_length())
+    rows = 1 << max(0, math.ceil(tokens / chunks) - 1).bit_length()
+    return max(1, min(tokens, max(MIN_ROWS, rows)))
 
 
 def _chunk_terms(hidden: "torch.Tensor", weight: "torch.Tensor", labels: "torch.Tensor", softcap: float | None,
                  with_gradient: bool) -> tuple["torch.Tensor", "torch.Tensor | None"]:
     """The summed loss of one chunk and, when asked, ``dloss/dz`` (times N), both in float32 (float64 for float64
-    inputs)."""
+    inputs). One ``rows x V`` buffer (two with a soft cap): the logits become the softmax in place."""
     import torch
 
     logits = (hidden @ weight.t()).to(torch.promote_types(hidden.dtype, torch.float32))
     capped = None
     if softcap is not None:
-        capped = torch.tanh(logits / softcap)
+        capped = logits.div_(softcap).tanh_()
         logits = capped * softcap
-    lse = torch.logsumexp(logits, dim=-1)
     target = logits.gather(1, labels[:, None]).squeeze(1)
-    loss = (lse - target).sum()
+    top = logits.amax(dim=-1, keepdim=True)
+    exp = logits.sub_(top).exp_()  # in place: the logits are not needed any more
+    total = exp.sum(dim=-1, keepdim=True)
+    loss = (top.squeeze(1) + total.squeeze(1).log() - target).sum()
     if not with_gradient:
         return loss, None
-    gradient = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    gradient = exp.div_(total)  # softmax
     gradient[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
     if capped is not None:
         gradient.mul_(1.0 - capped * capped)

@@ -31,7 +31,7 @@ activations
 logits
     full logits: ``12 T V`` bytes (the float32 log-softmax kept for the backward pass, then two float32
     gradients while it is still alive). The chunked loss (default, :mod:`mtool.train.chunked_loss`) holds one
-    chunk of ``R`` rows at a time, ``R V (c + 8)`` (plus ``4 R V`` for a float32 copy of 16-bit logits), and
+    chunk of ``R`` rows at a time, ``4 R V`` (plus ``c R V`` for 16-bit logits before their float32 copy), and
     ``2 c T h`` for the trained positions' hidden states and their gradient; Liger's fused linear
     cross-entropy about ``12 T h``.
 
@@ -261,7 +261,7 @@ def logits_bytes(model: ModelShape, run: RunShape) -> int:
         return 12 * tokens * model.hidden
     if run.loss == "chunked":
         rows = min(tokens, chunk_rows(tokens, model.vocab, model.hidden))
-        return rows * model.vocab * (c + 8 + (4 if c < 4 else 0)) + 2 * c * tokens * model.hidden
+        return rows * model.vocab * (4 + (c if c < 4 else 0)) + 2 * c * tokens * model.hidden
     return 12 * tokens * model.vocab
 
 

@@ -144,7 +144,6 @@ def linear_transposed(dy: "torch.Tensor", weight: "torch.Tensor | QuantizedWeigh
 
 
 def _add_low_rank(out: "torch.Tensor", low_rank: LowRank) -> "torch.Tensor":
-    term = low_rank.u @ low_rank.v
-    if out.dtype == term.dtype:
-        return out.add_(term, alpha=low_rank.scale)
-    return (out.to(term.dtype) + term * low_rank.scale).to(out.dtype)
+    if out.dtype == low_rank.u.dtype:  # one matmul accumulating into out
+        return out.addmm_(low_rank.u, low_rank.v, alpha=low_rank.scale)
+    return (out.to(low_rank.u.dtype) + (low_rank.u @ low_rank.v) * low_rank.scale).to(out.dtype)

@@ -85,8 +85,7 @@ def swiglu(e: "torch.Tensor", g: "torch.Tensor") -> "torch.Tensor":
 
         return swiglu_forward(e, g)
     wide = torch.promote_types(e.dtype, torch.float32)
-    ef = e.to(wide)
-    return (ef * torch.sigmoid(ef) * g.to(wide)).to(e.dtype)
+    return torch.nn.functional.silu(e.to(wide)).mul_(g.to(wide)).to(e.dtype)
 
 
 def swiglu_backward_(dh: "torch.Tensor", e: "torch.Tensor",

@@ -87,12 +87,42 @@ def count_saved_tensors(model: "torch.nn.Module | None" = None) -> Iterator[Save
 
 def count_flops(step: Callable[[], Any]) -> int:
     """Floating-point operations of ``step()`` as ``torch.utils.flop_counter`` counts them (matrix products and
-    attention, forward, backward and recomputation)."""
+    attention, forward, backward and recomputation), with bitsandbytes' fused 4-bit matmul counted as the
+    matrix product it is (``2 M N K``; the counter does not know the op)."""
+    import math
+
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    custom = {}
+    gemm_4bit = getattr(getattr(torch.ops, "bitsandbytes", None), "gemm_4bit", None)
+    if gemm_4bit is not None:
+        def gemm_4bit_flops(a_shape: Any, b_shape: Any, shape_b: Any, *args: Any, out_shape: Any = None,
+                            **kwargs: Any) -> int:
+            return 2 * math.prod(a_shape[:-1]) * int(shape_b[0]) * int(shape_b[1])
+
+        custom[gemm_4bit.default] = gemm_4bit_flops
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
         step()
     return counter.get_total_flops()
+
+
+def current_rss_bytes() -> int:
+    """The process's resident set now (``VmRSS``), after handing freed heap back to the system (glibc)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def reset_peak_rss() -> bool:
