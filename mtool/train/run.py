@@ -276,6 +276,6 @@ def _preflight(config: TrainConfig, base: ModelRef, processes: Processes) -> Non
     from mtool.train.estimate import estimate_for_config
     from mtool.train.fit import detected_gpu_memory, fit_report
 
-    estimate = estimate_for_config(config, base.path, device=processes.device)
+    estimate = estimate_for_config(config, base.path, device=processes.device, processes=processes.world_size)
     capacity = detected_gpu_memory(processes.device)
-    ui.info(fit_report(estimate, capacity))
+    ui.info(fit_report(estimate, capacity, gpus=processes.world_size))
