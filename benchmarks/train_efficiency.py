@@ -227,19 +227,10 @@ def _child(mode: str, stack: str, path: Path, tokens: int) -> list[str]:
     return [sys.executable, __file__, f"--{mode}", stack, "--model-dir", str(path), "--tokens", str(tokens)]
 
 
-def _rss_of(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
 def run_probe(stack: str, path: Path, tokens: int, budget: int) -> tuple[bool, dict]:
     """Run a probe in a fresh process; stop it once its resident set passes ``budget`` after loading."""
+    from mtool.train.measure import process_memory_bytes
+
     process = subprocess.Popen(_child("probe", stack, path, tokens), stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     lines: list[str] = []
@@ -250,7 +241,7 @@ def run_probe(stack: str, path: Path, tokens: int, budget: int) -> tuple[bool, d
         chunk = process.stdout.read() or ""
         lines += chunk.splitlines()
         loaded = loaded or any('"loaded"' in line for line in lines)
-        if loaded and _rss_of(process.pid) > budget:
+        if loaded and (process_memory_bytes("VmRSS", process.pid) or 0) > budget:
             over = True
             process.kill()
             break
@@ -300,6 +291,19 @@ def longest_sequence(stack: str, path: Path, budget: int, guess: int, *, step: i
     return low, probes
 
 
+def estimated_bytes_per_token(stack: str, path: Path) -> float:
+    """How fast a step's peak grows with the sequence, by :mod:`mtool.train.estimate` (the usual recipe is PEFT's
+    layers with full logits)."""
+    from mtool.train.estimate import estimate_for_config
+
+    settings = {} if stack == "mtool" else {"model.lean_layers": False, "model.loss": "full"}
+    totals = []
+    for tokens in (2048, 4096):
+        config = mtool_config(path, True, **{"data.seq_len": tokens, "training.micro_batch_size": 1, **settings})
+        totals.append(estimate_for_config(config, path, device_type="cpu").estimate.total)
+    return (totals[1] - totals[0]) / 2048
+
+
 def run_child_json(command: list[str]) -> dict:
     completed = subprocess.run(command, capture_output=True, text=True)
     rows = [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
@@ -314,9 +318,9 @@ def memory_part(work: Path, budget_gib: float, tokens: int) -> str:
     rows = {stack: run_child_json(_child("measure", stack, path, tokens)) for stack in ("usual", "mtool")}
     for stack, row in rows.items():
         print(json.dumps(row), flush=True)
-        # first guess: the measured step's memory above the loaded model, as if it all grew with the tokens
-        per_token = max(1.0, (row["peak_rss_gib"] - row["loaded_rss_gib"]) * GIB / tokens)
-        guess = (budget - row["loaded_rss_gib"] * GIB) / per_token
+        # first guess: the measured step's peak, growing from there at the estimator's bytes per token
+        per_token = estimated_bytes_per_token(stack, path)
+        guess = tokens + (budget - row["peak_rss_gib"] * GIB) / per_token
         row["longest"], row["probes"] = longest_sequence(stack, path, budget, max(64.0, guess))
         print(json.dumps({"stack": stack, "longest": row["longest"], "probes": row["probes"]}), flush=True)
     return memory_table(rows, budget_gib, tokens)

@@ -8,40 +8,14 @@ import math
 from dataclasses import replace
 
 import pytest
-import torch
 
 from mtool.train.config import load_config
-from mtool.train.estimate import ModelShape, estimate_for_config, estimate_memory, layer_weight_bytes, run_shape
+from mtool.train.estimate import ModelShape, estimate_memory, layer_weight_bytes, run_shape
 from mtool.train.fit import suggestions, usable_bytes
-from mtool.train.measure import measure_peak_bytes
-from mtool.train.model import build_model, trainable_parameters
-from mtool.train.optim import build_optimizer
-from mtool.train.tokenizer import load_tokenizer
+from tests.support.train_helpers import measured_and_estimated_peak
 
-CPU = torch.device("cpu")
 LLAMA_70B = dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
                  num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
-
-
-def _measured_and_estimated(base, **overrides):
-    config = load_config(None, {"base": str(base), "model.quantization": "none", "model.compute_dtype": "float32",
-                                "lora.rank": 8, "training.optimizer": "adamw", "training.micro_batch_size": 2,
-                                "data.seq_len": 128, **overrides})
-    model, _ = build_model(str(base), load_tokenizer(str(base)), config.model, config.lora, device=CPU, seed=0)
-    optimizer = build_optimizer(trainable_parameters(model), config.training, CPU)
-    batch = torch.randint(0, 380, (2, 128), generator=torch.Generator().manual_seed(0))
-
-    def step():
-        loss = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch,
-                     num_items_in_batch=batch.numel(), use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    resident = list(model.parameters()) + list(model.buffers())
-    resident += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    return measure_peak_bytes(step, resident, CPU), estimate_for_config(config, base, device_type="cpu").estimate
 
 
 @pytest.mark.parametrize("overrides", [
@@ -54,7 +28,7 @@ def _measured_and_estimated(base, **overrides):
 def test_estimate_of_each_mode_within_15_percent_of_the_measured_peak(tiny, overrides):
     base = tiny.model("llama", hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4,
                       vocab_size=4096)
-    measured, estimate = _measured_and_estimated(base, **overrides)
+    measured, estimate = measured_and_estimated_peak(base, **overrides)
     assert abs(estimate.total / measured - 1) < 0.15, (estimate.parts(), measured)
 
 

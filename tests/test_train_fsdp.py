@@ -4,23 +4,14 @@ accumulating two micro-batches, and the FSDP run's checkpoint resumes in a singl
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
-import yaml
 
 from mtool.train.config import validate_config
 from mtool.train.run import train
-from tests.support.train_helpers import alpaca_records, base_config, write_jsonl
-
-
-def step_losses(folder):
-    rows = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-    return [row["loss"] for row in rows if "loss" in row]
+from tests.support.train_helpers import alpaca_records, base_config, step_losses, train_with_torchrun, write_jsonl
 
 
 @pytest.mark.slow
@@ -36,14 +27,7 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_in_one_process(tiny
 
     sharded = tmp_path / "sharded"
     fsdp_config = base_config(tiny_llama, data, sharded, **common, **{"training.grad_accum": 1, "checkpoints.every": 2})
-    config_path = tmp_path / "fsdp.yaml"
-    config_path.write_text(yaml.safe_dump(fsdp_config))
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "mtool.cli", "-q", "train", str(config_path)],
-        env=environment, capture_output=True, text=True, timeout=600)
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    train_with_torchrun(fsdp_config, tmp_path / "fsdp.yaml")
     reference = step_losses(single)
     assert step_losses(sharded) == pytest.approx(reference, rel=1e-5)
     lineage = json.loads((sharded / "mtool-lineage.json").read_text())

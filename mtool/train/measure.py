@@ -107,6 +107,19 @@ def count_flops(step: Callable[[], Any]) -> int:
     return counter.get_total_flops()
 
 
+def process_memory_bytes(field: str, pid: int | str = "self") -> int | None:
+    """A memory line of ``/proc/<pid>/status`` in bytes (``VmRSS``: resident now, ``VmHWM``: its peak); None
+    where there is no such file (not Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def current_rss_bytes() -> int:
     """The process's resident set now (``VmRSS``), after handing freed heap back to the system (glibc)."""
     try:
@@ -115,14 +128,7 @@ def current_rss_bytes() -> int:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return process_memory_bytes("VmRSS") or 0
 
 
 def reset_peak_rss() -> bool:
@@ -137,13 +143,9 @@ def reset_peak_rss() -> bool:
 
 def peak_rss_bytes() -> int:
     """The process's peak resident set since it started or :func:`reset_peak_rss` (``VmHWM``)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    peak = process_memory_bytes("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
