@@ -36,6 +36,7 @@ quiet machine. Every table says which machine it ran on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -54,6 +55,7 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, 
                 max_position_embeddings=131072, head_dim=64)
 LLAMA_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                   num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048)
+_PROCESS_SETTINGS = contextlib.ExitStack()  # settings a measuring process keeps until it exits
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 16
 GIB = 2**30
@@ -164,9 +166,15 @@ def training_step(model, ids, optimizer=None) -> float:
 
 
 def load(stack: str, path: Path, quantized: bool = True):
+    """The stack's model, in a process whose resident set follows its live tensors: glibc maps every block of
+    1 MiB or more and returns it on free (its default raises that threshold as it goes, which keeps freed
+    memory resident depending on the order of earlier allocations, a noise of a few hundred MB per step)."""
     import torch
 
+    from mtool.runtime import RETURN_FREED_MEMORY, allocator_policy
+
     torch.set_num_threads(os.cpu_count() or 1)
+    _PROCESS_SETTINGS.enter_context(allocator_policy(RETURN_FREED_MEMORY))
     return usual_model(path, quantized) if stack == "usual" else mtool_model(path, quantized)
 
 
@@ -229,32 +237,32 @@ def _child(mode: str, stack: str, path: Path, tokens: int) -> list[str]:
 
 def run_probe(stack: str, path: Path, tokens: int, budget: int) -> tuple[bool, dict]:
     """Run a probe in a fresh process; stop it once its resident set passes ``budget`` after loading."""
+    import threading
+
     from mtool.train.measure import process_memory_bytes
 
     process = subprocess.Popen(_child("probe", stack, path, tokens), stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
     lines: list[str] = []
-    loaded = False
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
     over = False
-    os.set_blocking(process.stdout.fileno(), False)
     while process.poll() is None:
-        chunk = process.stdout.read() or ""
-        lines += chunk.splitlines()
-        loaded = loaded or any('"loaded"' in line for line in lines)
+        loaded = any('"loaded"' in line for line in lines)
         if loaded and (process_memory_bytes("VmRSS", process.pid) or 0) > budget:
             over = True
             process.kill()
             break
         time.sleep(0.02)
     process.wait()
-    lines += (process.stdout.read() or "").splitlines()
+    reader.join()
     rows = [json.loads(line) for line in lines if line.startswith("{") and "peak_rss_gib" in line]
     row = rows[-1] if rows else {"stack": stack, "tokens": tokens}
     fits = not over and process.returncode == 0 and bool(rows) and row["peak_rss_gib"] * GIB <= budget
     row["fits"] = fits
-    print(f"# probe {stack} {tokens} tokens: {'fits' if fits else 'over budget'}"
-          f" ({row.get('peak_rss_gib', float('nan')):.2f} GiB)" if rows else
-          f"# probe {stack} {tokens} tokens: over budget (stopped)", file=sys.stderr, flush=True)
+    peak = f"{row['peak_rss_gib']:.2f} GiB" if rows else "stopped"
+    print(f"# probe {stack} {tokens} tokens: {'fits' if fits else 'over budget'} ({peak})", file=sys.stderr,
+          flush=True)
     return fits, row
 
 

@@ -19,9 +19,10 @@ def test_fsdp_matches_one_process_and_its_checkpoint_resumes_in_one_process(tiny
     from safetensors.torch import load_file
 
     data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_records(20))
-    # QLoRA (the 4-bit weights shard as float32 storage), dropout on (its masks do not depend on the layout)
-    common = {"training.micro_batch_size": 2, "training.max_steps": 4, "lora.dropout": 0.1,
-              "model.quantization": "nf4", "model.gradient_checkpointing": True, "training.parallelism": "fsdp"}
+    # QLoRA (the 4-bit weights shard as float32 storage) through the default memory modes: lean layers, fused
+    # MLP and q/k/v nodes reading their sharded LoRA tensors inside the layer, chunked loss, checkpointing
+    common = {"training.micro_batch_size": 2, "training.max_steps": 4, "model.quantization": "nf4",
+              "model.gradient_checkpointing": True, "training.parallelism": "fsdp"}
     single = tmp_path / "single"
     train(validate_config(base_config(tiny_llama, data, single, **common, **{"training.grad_accum": 2}), where="t"))
 
