@@ -5,11 +5,16 @@ place, so a kill while writing leaves the previous checkpoint as the newest). It
 
 - ``adapter_model.safetensors`` + ``adapter_config.json``: the trainable weights as a PEFT adapter (usable
   for inference as it is);
-- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer state, its tensors in safetensors and the rest
-  (step counts, hyper-parameters) in JSON: no pickle is ever written or read;
+- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer state keyed by parameter name
+  (``torch.distributed.checkpoint.state_dict``'s full form), its tensors in safetensors and the rest (step
+  counts, hyper-parameters) in JSON: no pickle is ever written or read;
 - ``trainer-state.json``: the step (which fixes the learning rate, the data position and the random state, all
   functions of the step), the epoch, token counters, elapsed time and the fp16 loss-scaler state;
 - ``train-config.yaml``: the config, compared with the resuming run's.
+
+The adapter and the optimizer state are the full ones whatever the run's layout (an FSDP run gathers them from
+its shards first), so a checkpoint resumes in one process, under DDP or under FSDP (:mod:`mtool.train.fsdp`).
+Checkpoints of earlier versions, whose optimizer state is keyed by position, still resume in one process.
 """
 
 from __future__ import annotations
