@@ -71,3 +71,36 @@ def test_fsdp_refuses_bitsandbytes_optimizers():
 
     with pytest.raises(ConfigError, match="with training.parallelism fsdp use adamw"):
         load_config(None, {"base": "x", "training.parallelism": "fsdp", "training.optimizer": "adamw_8bit"})
+
+
+def test_checkpoints_of_earlier_versions_still_resume(tiny_llama, tmp_path):
+    """Before checkpoints keyed the optimizer state by parameter name, it was keyed by position."""
+    import json as json_module
+
+    from safetensors.torch import load_file
+
+    from mtool.io.writing import save_tensors
+    from mtool.train.state import flatten_state, unflatten_state
+
+    data = write_jsonl(tmp_path / "alpaca.jsonl", alpaca_records(16))
+    config = validate_config(base_config(tiny_llama, data, tmp_path / "out", **{
+        "training.max_steps": 4, "checkpoints.every": 2}), where="t")
+    train(config)
+    reference = step_losses(tmp_path / "out")
+    folder = config.checkpoint_dir / "step-000002"
+    state = unflatten_state(load_file(str(folder / "optimizer.safetensors")),
+                            json_module.loads((folder / "optimizer.json").read_text()))
+    order = [name for group in state["param_groups"] for name in group["params"]]
+    legacy = {"state": {order.index(name): value for name, value in state["state"].items()},
+              "param_groups": []}
+    start = 0
+    for group in state["param_groups"]:
+        legacy["param_groups"].append({**group, "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    tensors, tree = flatten_state(legacy)
+    (folder / "optimizer.safetensors").unlink()
+    save_tensors(folder, tensors, file_stem="optimizer")
+    (folder / "optimizer.json").write_text(json_module.dumps(tree))
+    shutil.rmtree(tmp_path / "out")
+    train(config, resume=True)
+    assert step_losses(tmp_path / "out") == pytest.approx(reference, rel=1e-6)
