@@ -359,42 +359,57 @@ def memory_table(rows: dict, budget_gib: float, tokens: int) -> str:
 # Part 2: step time of mtool's loop against a plain loop
 
 
-def speed_rows(path: Path, *, steps: int, rounds: int, batch: int, seq: int, optimizer: str, threads: int) -> dict:
-    """Seconds per step of both loops, alternating in this process (same threads, same batches): wall time and
-    the process's CPU time (steadier on a busy machine, with one thread: no spinning threads inflate it)."""
+# mtool's loop with its defaults, and with the model of earlier versions (PEFT's layers, full logits)
+SPEED_VARIANTS = {"mtool": {}, "earlier": {"model.lean_layers": False, "model.loss": "full"}}
+
+
+def mtool_loop(path: Path, rows: list[list[int]], *, total: int, batch: int, seq: int, optimizer: str,
+               overrides: dict):
+    """A :class:`mtool.train.loop.Loop` over ``rows`` (a tokenized dataset), as ``mtool train`` builds it."""
     import datasets
     import torch
 
-    from mtool.train.batching import StepPlan, plan_steps
+    from mtool.train.batching import plan_steps
     from mtool.train.distributed import Processes
-    from mtool.train.loop import Loop, StopRequest, run_loop, train_step
+    from mtool.train.loop import Loop
     from mtool.train.metrics import MetricsLog
     from mtool.train.model import build_model, trainable_parameters
     from mtool.train.optim import build_optimizer
     from mtool.train.tokenizer import load_tokenizer
 
-    torch.set_num_threads(threads)
     cpu = torch.device("cpu")
-    vocab = LLAMA_135M["vocab_size"]
-    rows = [random_ids(seq, vocab, seed=i)[0].tolist() for i in range(batch * 8)]
-    batches = [torch.tensor(rows[i * batch:(i + 1) * batch]) for i in range(8)]
-    warm = 2
-    total = warm + steps * rounds
     config = mtool_config(path, False, **{"training.optimizer": optimizer, "training.micro_batch_size": batch,
                                           "data.seq_len": seq, "training.max_steps": total,
-                                          "checkpoints.every": 10_000})
+                                          "checkpoints.every": 10_000, **overrides})
     tokenizer = load_tokenizer(str(path))
-    model, modes = build_model(str(path), tokenizer, config.model, config.lora, device=cpu, seed=0)
-    settings = config.training
+    model, _ = build_model(str(path), tokenizer, config.model, config.lora, device=cpu, seed=0)
     data = datasets.Dataset.from_dict({"input_ids": rows, "labels": rows, "length": [seq] * len(rows)})
     plan = plan_steps([seq] * len(rows), seed=0, epochs=1, max_steps=total, batch_size=batch, seq_len=seq,
                       packing=False, grad_accum=1, world_size=1, rank=0)
     out = Path(config.out)
-    loop = Loop(config=config, model=model, optimizer=build_optimizer(trainable_parameters(model), settings, cpu),
+    return Loop(config=config, model=model, optimizer=build_optimizer(trainable_parameters(model), config.training,
+                                                                      cpu),
                 train_data=data, eval_data=None, plan=plan, warmup_steps=0, processes=Processes(0, 1, 0, cpu),
                 pad_id=tokenizer.pad_token_id, checkpoint_dir=out, metrics=MetricsLog(out / "metrics.jsonl"),
                 config_yaml=config.to_yaml())
 
+
+def speed_rows(path: Path, *, steps: int, rounds: int, batch: int, seq: int, optimizer: str, threads: int) -> dict:
+    """Seconds per step of mtool's loop (each of :data:`SPEED_VARIANTS`) and a plain loop, alternating in this
+    process (same threads, same batches): wall time and the process's CPU time (steadier on a busy machine,
+    with one thread: no spinning threads inflate it)."""
+    import torch
+
+    from mtool.train.batching import StepPlan
+    from mtool.train.loop import StopRequest, run_loop, train_step
+
+    torch.set_num_threads(threads)
+    rows = [random_ids(seq, LLAMA_135M["vocab_size"], seed=i)[0].tolist() for i in range(batch * 8)]
+    batches = [torch.tensor(rows[i * batch:(i + 1) * batch]) for i in range(8)]
+    warm = 2
+    total = warm + steps * rounds
+    loops = {name: mtool_loop(path, rows, total=total, batch=batch, seq=seq, optimizer=optimizer,
+                              overrides=overrides) for name, overrides in SPEED_VARIANTS.items()}
     plain = usual_model(path, quantized=False)
     parameters = [p for p in plain.parameters() if p.requires_grad]
     if optimizer == "adamw":
@@ -415,23 +430,26 @@ def speed_rows(path: Path, *, steps: int, rounds: int, batch: int, seq: int, opt
             float(loss)
 
     stop = StopRequest()
-    for _ in range(warm):
-        train_step(loop, stop)
+    for loop in loops.values():
+        for _ in range(warm):
+            train_step(loop, stop)
     plain_steps(warm, 0)
-    times: dict[str, list[float]] = {"mtool": [], "plain": [], "mtool_cpu": [], "plain_cpu": []}
-    full_plan = loop.plan
+    names = [*loops, "plain"]
+    times: dict[str, list[float]] = {f"{name}{kind}": [] for name in names for kind in ("", "_cpu")}
+    plans = {name: loop.plan for name, loop in loops.items()}
     for round_index in range(rounds):
         target = warm + (round_index + 1) * steps  # run_loop trains up to the end of its plan
-        loop.plan = StepPlan(full_plan.steps[:target], full_plan.epochs[:target], full_plan.steps_per_epoch)
-        wall, cpu_time = time.perf_counter(), time.process_time()
-        run_loop(loop)
-        times["mtool"].append((time.perf_counter() - wall) / steps)
-        times["mtool_cpu"].append((time.process_time() - cpu_time) / steps)
-        wall, cpu_time = time.perf_counter(), time.process_time()
-        plain_steps(steps, round_index * steps)
-        times["plain"].append((time.perf_counter() - wall) / steps)
-        times["plain_cpu"].append((time.process_time() - cpu_time) / steps)
-    return {"optimizer": optimizer, "threads": threads, "modes": modes.describe(), "times": times,
+        for name in names:
+            wall, cpu_time = time.perf_counter(), time.process_time()
+            if name == "plain":
+                plain_steps(steps, round_index * steps)
+            else:
+                full = plans[name]
+                loops[name].plan = StepPlan(full.steps[:target], full.epochs[:target], full.steps_per_epoch)
+                run_loop(loops[name])
+            times[name].append((time.perf_counter() - wall) / steps)
+            times[f"{name}_cpu"].append((time.process_time() - cpu_time) / steps)
+    return {"optimizer": optimizer, "threads": threads, "times": times,
             **{f"{name}_s": statistics.median(values) for name, values in times.items()}}
 
 
@@ -446,13 +464,19 @@ def speed_part(work: Path, *, steps: int, rounds: int, batch: int, seq: int, thr
         results.append(row)
     lines = [f"135M Llama (hidden 576, 30 layers, vocabulary 49,152), LoRA r={RANK} on the seven projections, "
              f"{batch} x {seq} tokens, float32, gradient checkpointing, {threads} thread(s); median of {rounds} "
-             f"rounds of {steps} steps, the two loops alternating in one process. Machine: {machine()}.", "",
-             "| optimizer | plain loop s/step (CPU s) | mtool loop s/step (CPU s) | mtool / plain, wall | "
-             "mtool / plain, CPU |", "|---|---:|---:|---:|---:|"]
+             f"rounds of {steps} steps, the loops alternating in one process. Machine: {machine()}.", "",
+             "| optimizer | plain loop: s/step (CPU s) | mtool: s/step (CPU s) | mtool / plain: wall, CPU | "
+             "mtool with PEFT's layers and full logits (earlier defaults): s/step (CPU s) | earlier / plain: "
+             "wall, CPU |", "|---|---:|---:|---:|---:|---:|"]
     for row in results:
-        lines.append(f"| {row['optimizer']} | {row['plain_s']:.3f} ({row['plain_cpu_s']:.3f}) | "
-                     f"{row['mtool_s']:.3f} ({row['mtool_cpu_s']:.3f}) | {row['mtool_s'] / row['plain_s']:.3f} | "
-                     f"{row['mtool_cpu_s'] / row['plain_cpu_s']:.3f} |")
+        def cell(name: str) -> str:
+            return f"{row[name + '_s']:.3f} ({row[name + '_cpu_s']:.3f})"
+
+        def ratio(name: str) -> str:
+            return f"{row[name + '_s'] / row['plain_s']:.3f}, {row[name + '_cpu_s'] / row['plain_cpu_s']:.3f}"
+
+        lines.append(f"| {row['optimizer']} | {cell('plain')} | {cell('mtool')} | {ratio('mtool')} | "
+                     f"{cell('earlier')} | {ratio('earlier')} |")
     return "\n".join(lines)
 
 

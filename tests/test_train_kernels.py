@@ -118,25 +118,30 @@ def test_lean_qlora_layer_through_the_kernel_equals_the_formula():
     assert not kernels.enabled()
 
 
-def test_fused_mlp_through_the_kernels_equals_the_float64_torch_path():
-    from mtool.train.fused_blocks import Projection, swiglu_mlp_function
+@pytest.mark.parametrize("block", ["mlp", "qkv"])
+def test_fused_blocks_through_the_kernels_equal_the_float64_torch_path(block):
+    from mtool.train.fused_blocks import Projection, qkv_function, swiglu_mlp_function
 
     generator = torch.Generator().manual_seed(4)
     hidden, width, rank, tokens = 24, 40, 2, 7
-    shapes = {"gate": (width, hidden), "up": (width, hidden), "down": (hidden, width)}
+    if block == "mlp":
+        shapes, function = [(width, hidden), (width, hidden), (hidden, width)], swiglu_mlp_function()
+    else:
+        shapes, function = [(hidden, hidden), (8, hidden), (8, hidden)], qkv_function()
     projections, tensors = [], []
-    for name, (d_out, d_in) in shapes.items():
+    for d_out, d_in in shapes:
         projections.append(Projection(quantized(torch.randn(d_out, d_in, generator=generator) * 0.3, nested=True),
                                       None, 1.5))
         tensors += [torch.randn(rank, d_in, generator=generator), torch.randn(d_out, rank, generator=generator)]
     x = torch.randn(tokens, hidden, generator=generator)
-    upstream = torch.randn(tokens, hidden, generator=generator)
     results = []
     for use, dtype in ((True, torch.float32), (False, F64)):  # the kernels in float32; torch's path in float64
         inputs = [t.detach().to(dtype).clone().requires_grad_() for t in [x] + tensors]
         with kernels.use_kernels(use):
-            y = swiglu_mlp_function().apply(*inputs, tuple(projections))
-            (y * upstream.to(dtype)).sum().backward()
-        results.append([y.detach()] + [t.grad for t in inputs])
+            outputs = function.apply(*inputs, tuple(projections))
+            outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+            upstream = torch.Generator().manual_seed(5)
+            sum((out * torch.randn(out.shape, generator=upstream).to(dtype)).sum() for out in outputs).backward()
+        results.append([out.detach() for out in outputs] + [t.grad for t in inputs])
     for got, want in zip(*results):
         torch.testing.assert_close(got.to(F64), want, rtol=1e-4, atol=1e-5)
