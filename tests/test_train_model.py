@@ -7,10 +7,9 @@ import torch
 
 from mtool.train.batching import collate
 from mtool.train.config import load_config
-from mtool.train.estimate import estimate_for_config, measure_peak_bytes
-from mtool.train.model import build_model, trainable_parameters
-from mtool.train.optim import build_optimizer
+from mtool.train.model import build_model
 from mtool.train.tokenizer import load_tokenizer
+from tests.support.train_helpers import measured_and_estimated_peak
 
 CPU = torch.device("cpu")
 
@@ -70,27 +69,6 @@ def test_packed_and_padded_losses_agree_and_nothing_attends_across_examples(tiny
     assert abs(float(joined) - float(loss_packed)) > 1e-3
 
 
-def _measured_and_estimated(base, tmp_path, **overrides):
-    config = settings(base, **{"training.optimizer": "adamw", "training.micro_batch_size": 2, "data.seq_len": 128,
-                               "lora.rank": 8, **overrides})
-    model, _ = build_model(str(base), load_tokenizer(str(base)), config.model, config.lora, device=CPU, seed=0)
-    optimizer = build_optimizer(trainable_parameters(model), config.training, CPU)
-    batch = torch.randint(0, 380, (2, 128), generator=torch.Generator().manual_seed(0))
-
-    def step():
-        loss = model(input_ids=batch, attention_mask=torch.ones_like(batch), labels=batch,
-                     num_items_in_batch=batch.numel(), use_cache=False).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()  # the optimizer states exist from the first step on
-    resident = list(model.parameters()) + list(model.buffers())
-    resident += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
-    measured = measure_peak_bytes(step, resident, CPU)
-    return measured, estimate_for_config(config, base, device_type="cpu").estimate
-
-
 @pytest.mark.parametrize("overrides", [
     {"model.gradient_checkpointing": True},
     {"model.gradient_checkpointing": False},
@@ -99,7 +77,7 @@ def _measured_and_estimated(base, tmp_path, **overrides):
 def test_estimate_within_15_percent_of_the_measured_peak(tiny, tmp_path, overrides):
     base = tiny.model("llama", hidden_size=256, intermediate_size=688, num_layers=4, num_heads=8, num_kv_heads=4,
                       vocab_size=4096)
-    measured, estimate = _measured_and_estimated(base, tmp_path, **overrides)
+    measured, estimate = measured_and_estimated_peak(base, **overrides)
     assert abs(estimate.total / measured - 1) < 0.15, (estimate.parts(), measured)
 
 
@@ -141,7 +119,7 @@ def test_gpu_memory_in_bare_gib_and_cumulative_accumulation_advice(tmp_path, run
     bare = json.loads(run_cli(*args, "--json", "--gpu-memory", "24").output)
     assert bare["capacity_bytes"] == 24 * 2**30  # a bare number is GiB: "a 24 GB card"
     assert json.loads(run_cli(*args, "--json", "--gpu-memory", "24GB").output)["capacity_bytes"] == 24 * 10**9
-    text = run_cli(*args, "--gpu-memory", "9", "--set", "model.gradient_checkpointing=false").output
+    text = run_cli(*args, "--gpu-memory", "7", "--set", "model.gradient_checkpointing=false").output
     advice = [line for line in text.splitlines() if "--grad-accum" in line]
     # each halving keeps the earlier ones: batch 8 -> 2 needs 4 micro-batches per step for the same effective batch
     assert ["--batch-size 4 --grad-accum x2 " in advice[0], "--batch-size 2 --grad-accum x4 " in advice[1],

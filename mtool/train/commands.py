@@ -116,33 +116,38 @@ def train(config_file: str | None, resume: bool, force: bool, **flags: Any) -> N
                                                      "detected GPU: 24 (GiB), 24GiB, 24GB, 8000MB.")
 @click.option("--device", "device_type", type=click.Choice(["cuda", "cpu"]),
               help="Estimate for this device (default: cuda, unless training would run on CPU).")
+@click.option("--processes", type=click.IntRange(min=1), default=None,
+              help="GPUs the run is launched on (default 1); with --set training.parallelism=fsdp the figure is "
+                   "per GPU, and FSDP is suggested when more than one GPU is at hand.")
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as JSON.")
-def estimate(config_file: str | None, gpu_memory: int | None, device_type: str | None, as_json: bool,
-             **flags: Any) -> None:
-    """Predict the peak memory of a training run and whether it fits the GPU.
+def estimate(config_file: str | None, gpu_memory: int | None, device_type: str | None, processes: int | None,
+             as_json: bool, **flags: Any) -> None:
+    """Predict the peak memory of a training run (per GPU) and whether it fits the GPU.
 
     Reads only the base model's config.json. Breaks the peak down into weights, LoRA, optimizer states,
     activations and logits, and when it does not fit, lists the settings that make it fit.
     """
     from mtool.hub import resolve_model
     from mtool.train.estimate import estimate_for_config
-    from mtool.train.fit import detected_gpu_memory, fit_report, suggestions
+    from mtool.train.fit import detected_gpu_memory, detected_gpus, fit_report, suggestions
 
     config = resolve_config(config_file, flags)
     base = resolve_model(config.base, config.model.revision)
     capacity = gpu_memory if gpu_memory else detected_gpu_memory()
     kind = device_type or ("cuda" if capacity is not None else "cpu")
-    result = estimate_for_config(config, base.path, device_type=kind)
+    gpus = max(processes or 1, detected_gpus())
+    result = estimate_for_config(config, base.path, device_type=kind, processes=processes or 1)
     if as_json:
         parts = dict(result.estimate.parts())
         data: dict[str, Any] = {"bytes": parts, "total_bytes": result.estimate.total, "device": kind,
-                                "capacity_bytes": capacity}
+                                "capacity_bytes": capacity, "processes": result.run.processes,
+                                "sharded": result.run.fsdp}
         if capacity is not None:
             from mtool.train.fit import usable_bytes
 
             data["fits"] = result.estimate.total <= usable_bytes(capacity)
             data["suggestions"] = [{"change": s.change, "total_bytes": s.total}
-                                   for s in suggestions(result.model, result.run, capacity)]
+                                   for s in suggestions(result.model, result.run, capacity, gpus=gpus)]
         click.echo(json.dumps(data, indent=2))
         return
-    click.echo(fit_report(result, capacity))
+    click.echo(fit_report(result, capacity, gpus=gpus))

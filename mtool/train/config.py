@@ -48,6 +48,10 @@ class ModelSettings(_Section):
     compute_dtype: ComputeDtype = "auto"  # auto: bfloat16 on a GPU that has it, else float16; float32 on CPU
     attention: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = True  # non-reentrant; recomputes each layer in the backward pass
+    offload_activations: bool = False  # checkpointed layers keep their inputs in host memory (CUDA; see offload.py)
+    lean_layers: bool = True  # LoRA layers and fused MLP/q-k-v nodes that keep only what their backward needs
+    loss: Literal["chunked", "full"] = "chunked"  # chunked: linear + cross-entropy without the [tokens, vocab] logits
+    kernels: Literal["torch", "triton"] = "torch"  # triton: fused 4-bit QLoRA matmul and SwiGLU kernels (CUDA)
     liger: Literal["auto", "on", "off"] = "auto"  # fused Liger kernels: auto = on CUDA when installed
     trust_remote_code: bool = False
     revision: str | None = None  # of a Hub base
@@ -110,6 +114,7 @@ class TrainingSettings(_Section):
     grad_accum: int = Field(1, gt=0)  # micro-batches per optimizer step and process
     lr: float = Field(2e-4, gt=0)
     optimizer: OptimizerName = "adamw_8bit"
+    parallelism: Literal["ddp", "fsdp"] = "ddp"  # with several processes: replicate the model, or shard it (FSDP2)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
@@ -147,6 +152,14 @@ class TrainConfig(_Section):
     data: DataSettings = Field(default_factory=DataSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     checkpoints: CheckpointSettings = Field(default_factory=CheckpointSettings)
+
+    @model_validator(mode="after")
+    def _fsdp_takes_torch_adamw(self) -> "TrainConfig":
+        if self.training.parallelism == "fsdp" and self.training.optimizer != "adamw":
+            raise ValueError(f"training.optimizer {self.training.optimizer} keeps bitsandbytes' own state layout, "
+                             "which FSDP cannot shard; with training.parallelism fsdp use adamw (its states are "
+                             "sharded across the processes)")
+        return self
 
     def check_trainable(self) -> None:
         """Refuse to train without an output folder or data (the estimator needs neither)."""
@@ -188,9 +201,12 @@ def _as_list(value: Any) -> Any:
     return value
 
 
-# Run-time switches that may differ between a run and its resumption without changing what is computed.
+# Run-time switches that may differ between a run and its resumption without changing what is computed. The
+# split of a step's micro-batches between processes and accumulation (grad_accum, parallelism) may change too,
+# as long as the micro-batches per step stay the same (checked with the process count by the resuming run).
 RESUME_TOLERANT_KEYS = frozenset({"checkpoints.every", "checkpoints.keep", "training.log_every", "training.eval_every",
-                                  "merge", "out"})
+                                  "merge", "out", "training.grad_accum", "training.parallelism",
+                                  "model.offload_activations", "model.kernels"})
 
 
 def set_key(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,8 +1,9 @@
 """Several processes on one or more machines, started by ``torchrun`` or ``accelerate launch``.
 
 Both launchers set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``; mtool joins the
-process group they describe (NCCL on GPUs, gloo on CPU) and wraps the model in PyTorch's
-``DistributedDataParallel``. A single process (no ``WORLD_SIZE``) runs without any of it.
+process group they describe (NCCL on GPUs, gloo on CPU) and either wraps the model in PyTorch's
+``DistributedDataParallel`` (``training.parallelism: ddp``: every process holds the whole model) or shards it
+with FSDP2 (``fsdp``, :mod:`mtool.train.fsdp`). A single process (no ``WORLD_SIZE``) runs without any of it.
 """
 
 from __future__ import annotations
@@ -78,11 +79,16 @@ def barrier(processes: Processes) -> None:
         torch.distributed.barrier()
 
 
-def wrap_for_data_parallel(model: Any, processes: Processes) -> Any:
-    """``DistributedDataParallel`` over the trainable parameters only: the frozen (possibly 4-bit) base is
-    loaded identically everywhere, so it is neither broadcast at start nor touched by the gradient exchange."""
+def wrap_for_data_parallel(model: Any, processes: Processes, parallelism: str = "ddp") -> Any:
+    """``fsdp``: the model sharded (:func:`mtool.train.fsdp.shard_model`). ``ddp``: ``DistributedDataParallel``
+    over the trainable parameters only: the frozen (possibly 4-bit) base is loaded identically everywhere, so it
+    is neither broadcast at start nor touched by the gradient exchange."""
     if not processes.distributed:
         return model
+    if parallelism == "fsdp":
+        from mtool.train.fsdp import shard_model
+
+        return shard_model(model, processes)
     from torch.nn.parallel import DistributedDataParallel
 
     frozen = [name for name, parameter in model.named_parameters() if not parameter.requires_grad]
@@ -98,8 +104,11 @@ def unwrap(model: Any) -> Any:
 
 @contextlib.contextmanager
 def gradient_sync(model: Any, enabled: bool) -> Iterator[None]:
-    """Inside, a DDP model does not exchange gradients (for all but the last micro-batch of a step)."""
-    if enabled or not hasattr(model, "no_sync"):
+    """Inside, a DDP or FSDP model does not exchange gradients (for all but the last micro-batch of a step)."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: gradients stay unsharded until the last one
+        model.set_requires_gradient_sync(enabled)
+        yield
+    elif enabled or not hasattr(model, "no_sync"):
         yield
     else:
         with model.no_sync():

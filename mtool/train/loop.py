@@ -9,10 +9,12 @@ micro-batches, padded or packed, and the logged loss (the sum of those losses ov
 process) is that token mean. Dividing each micro-batch by its own token count and averaging, as naive
 accumulation does, weights tokens of short micro-batches more.
 
-Determinism. The random state (dropout) of step ``s`` on process ``r`` is seeded from ``(seed, r, s)``, the data
-of step ``s`` is a function of ``(seed, s)`` (:mod:`mtool.train.batching`), and the learning rate a function of
-``s`` (:func:`mtool.train.optim.lr_factor`): a run resumed from the checkpoint of step ``s`` computes exactly
-the losses the uninterrupted run computed.
+Determinism. The random state (dropout) of the ``m``-th micro-batch of step ``s`` (counted over all processes:
+process ``r``'s ``i``-th micro-batch is ``m = i P + r``) is seeded from ``(seed, m, s)``, the data of step ``s`` is
+a function of ``(seed, s)`` (:mod:`mtool.train.batching`), and the learning rate a function of ``s``
+(:func:`mtool.train.optim.lr_factor`): a run resumed from the checkpoint of step ``s`` computes exactly the
+losses the uninterrupted run computed, and ``P`` processes accumulating ``a`` micro-batches compute what one
+process accumulating ``a P`` computes, dropout included.
 
 Stopping. The first Ctrl-C (or SIGTERM) lets the current step finish, writes a checkpoint and stops; a second
 Ctrl-C stops at once. A loss or gradient that is NaN or infinite stops the run before the optimizer applies it,
@@ -46,10 +48,11 @@ if TYPE_CHECKING:
     from mtool.train.config import TrainConfig
 
 
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """The seed of the random state of ``step`` on process ``rank``: ``(seed * 1000003 + rank) * 1000033 + step``
-    modulo 2**63 (distinct for every step and process of a run)."""
-    return ((seed * 1_000_003 + rank) * 1_000_033 + step) % 2**63
+def step_seed(seed: int, micro_batch: int, step: int) -> int:
+    """The seed of the random state of a step's ``micro_batch`` (its index among all processes' micro-batches of
+    the step): ``(seed * 1000003 + micro_batch) * 1000033 + step`` modulo 2**63 (distinct for every micro-batch
+    of a run)."""
+    return ((seed * 1_000_003 + micro_batch) * 1_000_033 + step) % 2**63
 
 
 class StopRequest:
@@ -94,6 +97,7 @@ class Loop:
     config_yaml: str
     scaler: Any = None  # torch.amp.GradScaler for float16 compute
     compute_dtype: Any = None  # torch.dtype of the base's computations
+    eval_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. skip_logits=True under a chunked loss
     progress: Progress = field(default_factory=Progress)
 
     @property
@@ -165,9 +169,9 @@ def train_step(loop: Loop, stop: StopRequest) -> StepResult:
     local_trained = sum(b.trained for b in batches)
     (global_trained,) = sum_across([local_trained], processes)
     normalizer = max(1, int(global_trained))
-    torch.manual_seed(step_seed(loop.config.seed, processes.rank, step))
     local_loss = torch.zeros((), dtype=torch.float64, device=processes.device)
     for index, batch in enumerate(batches):
+        torch.manual_seed(step_seed(loop.config.seed, index * processes.world_size + processes.rank, step))
         with gradient_sync(loop.model, enabled=index == len(batches) - 1):
             loss = loop.model(**batch.inputs, num_items_in_batch=normalizer, use_cache=False).loss
             scaled = loss * processes.world_size
@@ -181,7 +185,8 @@ def train_step(loop: Loop, stop: StopRequest) -> StepResult:
     if loop.scaler is not None:
         loop.scaler.unscale_(loop.optimizer)
     max_norm = loop.config.training.max_grad_norm or math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, max_norm))
+    norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a sharded norm
     if not math.isfinite(grad_norm) and loop.scaler is None:
         _fail_non_finite(loop, "gradient norm", grad_norm)
     factor = lr_factor(step, total_steps=loop.total_steps, warmup_steps=loop.warmup_steps,
@@ -232,12 +237,19 @@ def _record_step(loop: Loop, result: StepResult, bar: Any) -> None:
 
 
 def write_checkpoint(loop: Loop) -> Path:
-    """The main process writes the checkpoint of the current step (the others hold the same state)."""
+    """Every process gathers the full training state (FSDP shards it; DDP processes hold copies of it); the main
+    process writes the checkpoint of the current step."""
+    from mtool.train.fsdp import gather_optimizer_state, gather_trainable_state, is_sharded
+
     folder = step_folder(loop.checkpoint_dir, loop.progress.step)
     loop.progress.scaler = loop.scaler.state_dict() if loop.scaler is not None else None
+    loop.progress.world_size = loop.processes.world_size
+    model = unwrap(loop.model)
+    trainable = gather_trainable_state(model) if is_sharded(model) else None
+    optimizer_state = gather_optimizer_state(model, loop.optimizer)
     if loop.processes.is_main:
-        save_checkpoint(folder, model=unwrap(loop.model), optimizer=loop.optimizer, progress=loop.progress,
-                        config_yaml=loop.config_yaml)
+        save_checkpoint(folder, model=model, optimizer_state=optimizer_state, progress=loop.progress,
+                        config_yaml=loop.config_yaml, trainable=trainable)
         prune_checkpoints(loop.checkpoint_dir, loop.config.checkpoints.keep)
     barrier(loop.processes)
     return folder
@@ -261,16 +273,18 @@ def evaluate(loop: Loop) -> tuple[float, int]:
     lengths = loop.eval_data["length"]
     groups = group_micro_batches(range(len(lengths)), lengths, batch_size=config.training.micro_batch_size,
                                  seq_len=config.data.seq_len, packing=config.data.packing)
-    mine = groups[loop.processes.rank::loop.processes.world_size]
+    world = loop.processes.world_size
+    mine = groups[loop.processes.rank::world]
+    mine += [[]] * (-(-len(groups) // world) - len(mine))  # as many passes everywhere (FSDP gathers in step)
     total = 0.0
     count = 0
     with _evaluation_mode(loop.model):
-        model = unwrap(loop.model)
+        model = loop.model if hasattr(loop.model, "set_requires_gradient_sync") else unwrap(loop.model)
         for group in mine:
             (batch,) = load_micro_batches(loop.eval_data, [group], packing=loop.packing, pad_id=loop.pad_id,
                                           fallback=[0])
             batch = batch.to(loop.processes.device)
-            total += float(model(**batch.inputs, num_items_in_batch=1, use_cache=False).loss)
+            total += float(model(**batch.inputs, num_items_in_batch=1, use_cache=False, **loop.eval_kwargs).loss)
             count += batch.trained
     total, count = sum_across([total, float(count)], loop.processes)
     return total / max(1.0, count), int(count)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from mtool.train.config import LoraSettings, ModelSettings
+    from mtool.train.lean_model import ModelModes
 
 
 def resolve_compute_dtype(setting: str, device: "torch.device") -> "torch.dtype":
@@ -38,30 +39,32 @@ def resolve_compute_dtype(setting: str, device: "torch.device") -> "torch.dtype"
     return torch.float32
 
 
-def quantization_config(settings: "ModelSettings", compute_dtype: "torch.dtype") -> Any:
-    """The ``BitsAndBytesConfig`` of a QLoRA base, or None for plain LoRA."""
+def quantization_config(settings: "ModelSettings", compute_dtype: "torch.dtype", *, shardable: bool = False) -> Any:
+    """The ``BitsAndBytesConfig`` of a QLoRA base, or None for plain LoRA. ``shardable``: the packed 4-bit weights
+    are stored in the compute dtype (the same bytes, viewed as floats) so FSDP shards them like the others."""
     if settings.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=settings.quantization,
                               bnb_4bit_use_double_quant=settings.double_quant, bnb_4bit_compute_dtype=compute_dtype,
-                              bnb_4bit_quant_storage="uint8")
+                              bnb_4bit_quant_storage=compute_dtype if shardable else "uint8")
 
 
 def load_base_model(path: str, settings: "ModelSettings", *, compute_dtype: "torch.dtype",
-                    device: "torch.device") -> Any:
-    """The base causal LM on ``device``, in ``compute_dtype`` (linear layers in 4 bits for QLoRA)."""
+                    device: "torch.device", sharded: bool = False) -> Any:
+    """The base causal LM on ``device``, in ``compute_dtype`` (linear layers in 4 bits for QLoRA). ``sharded``
+    (FSDP): loaded into host memory with shardable 4-bit storage; sharding moves each process's part to its GPU."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = dict(dtype=compute_dtype, attn_implementation=settings.attention,
                                   trust_remote_code=settings.trust_remote_code, revision=settings.revision,
                                   use_safetensors=True)  # never a pickle (the folder was checked before, too)
-    quantization = quantization_config(settings, compute_dtype)
+    quantization = quantization_config(settings, compute_dtype, shardable=sharded)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     if device.type == "cuda":
-        kwargs["device_map"] = {"": device.index or 0}
+        kwargs["device_map"] = {"": "cpu" if sharded else device.index or 0}
     import logging
 
     from transformers.utils import logging as transformers_logging
@@ -99,11 +102,12 @@ def liger_enabled(setting: str, device: "torch.device") -> bool:
     return installed and device.type == "cuda"
 
 
-def apply_liger(model: Any) -> None:
-    """Patch this model instance with Liger's RMSNorm, RoPE, SwiGLU and fused linear + cross-entropy."""
+def apply_liger(model: Any, *, swiglu: bool = True, fused_loss: bool = True) -> None:
+    """Patch this model instance with Liger's RMSNorm and RoPE, and (as asked) its SwiGLU MLP and fused linear +
+    cross-entropy (the lean layers bring their own fused MLP; ``model.loss: full`` keeps the logits)."""
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
-    _apply_liger_kernel_to_instance(model=model)
+    _apply_liger_kernel_to_instance(model=model, swiglu=swiglu, fused_linear_cross_entropy=fused_loss)
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
@@ -176,15 +180,18 @@ def attach_lora(model: Any, settings: "LoraSettings", *, extra_modules_to_save: 
 
 
 def build_model(base_path: str, tokenizer: Any, model_settings: "ModelSettings", lora_settings: "LoraSettings", *,
-                device: "torch.device", seed: int) -> tuple[Any, bool]:
-    """Load the base, resize it for added tokens, apply Liger/checkpointing, attach LoRA (seeded).
+                device: "torch.device", seed: int, sharded: bool = False) -> tuple[Any, "ModelModes"]:
+    """Load the base, resize it for added tokens, apply Liger/checkpointing, attach LoRA (seeded), then the
+    memory modes (:mod:`mtool.train.lean_model`). ``sharded``: prepared for FSDP (see :func:`load_base_model`).
 
-    Returns ``(peft_model, liger_applied)``.
+    Returns ``(peft_model, modes)``.
     """
     import torch
 
+    from mtool.train.lean_model import apply_model_modes
+
     compute_dtype = resolve_compute_dtype(model_settings.compute_dtype, device)
-    model = load_base_model(base_path, model_settings, compute_dtype=compute_dtype, device=device)
+    model = load_base_model(base_path, model_settings, compute_dtype=compute_dtype, device=device, sharded=sharded)
     torch.manual_seed(seed)
     extra = []
     if resize_for_tokenizer(model, tokenizer):
@@ -192,12 +199,12 @@ def build_model(base_path: str, tokenizer: Any, model_settings: "ModelSettings",
         ui.info(f"embeddings resized to {len(tokenizer)} tokens; {', '.join(extra)} trained in full and saved")
     use_liger = liger_enabled(model_settings.liger, device)
     if use_liger:
-        apply_liger(model)
+        apply_liger(model, swiglu=not model_settings.lean_layers, fused_loss=model_settings.loss == "chunked")
     if model_settings.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     peft_model = attach_lora(model, lora_settings, extra_modules_to_save=extra)
     peft_model.train()
-    return peft_model, use_liger
+    return peft_model, apply_model_modes(peft_model, model_settings, device, liger=use_liger)
 
 
 def trainable_parameters(model: Any) -> list["torch.nn.Parameter"]:

@@ -16,6 +16,7 @@ from mtool.naming.finish import finish_output
 from mtool.reproducible import recorded_metrics, source_date_epoch
 from mtool.train.config import CONFIG_FILENAME, TrainConfig
 from mtool.train.data import DataStats
+from mtool.train.lean_model import ModelModes
 from mtool.train.metrics import MetricsLog, plot_losses
 
 
@@ -33,18 +34,23 @@ class OutputFacts:
     warmup_steps: int
     world_size: int
     compute_dtype: str
-    liger: bool
+    modes: ModelModes
     train_examples: int
     eval_examples: int
 
 
 def write_output(out: Path, model: Any, tokenizer: Any, facts: OutputFacts, metrics: dict[str, Any],
-                 metrics_log: MetricsLog, *, force: bool, hasher: FileHasher) -> Path:
-    """Write the adapter folder atomically (nothing appears at ``out`` unless all of it was written)."""
+                 metrics_log: MetricsLog, *, force: bool, hasher: FileHasher,
+                 trainable: dict[str, Any] | None = None) -> Path:
+    """Write the adapter folder atomically (nothing appears at ``out`` unless all of it was written).
+    ``trainable``: the gathered trainable parameters of a sharded (FSDP) model."""
     config = facts.config
     with atomic_output_dir(out, force=force, inputs=[facts.base.path], needed_bytes=output_bytes(model, facts.base)) \
             as staging:
-        model.save_pretrained(staging)
+        if trainable is None:
+            model.save_pretrained(staging)
+        else:
+            model.save_pretrained(staging, state_dict=trainable)
         _point_adapter_at_base(staging, facts.base)
         tokenizer.save_pretrained(staging)
         (staging / CONFIG_FILENAME).write_text(config.to_yaml(), encoding="utf-8")
@@ -97,7 +103,8 @@ def lineage_record(facts: OutputFacts, model: Any, metrics: dict[str, Any], hash
         "modules_to_save": sorted(peft_config.modules_to_save or []),
         "added_tokens": facts.added_tokens,
         "compute_dtype": facts.compute_dtype,
-        "liger_kernels": facts.liger,
+        **facts.modes.as_record(),
+        "parallelism": config.training.parallelism if facts.world_size > 1 else "none",
         "total_steps": facts.total_steps,
         "warmup_steps": facts.warmup_steps,
         "processes": facts.world_size,

@@ -101,7 +101,7 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
         barrier(processes)
         _report_data(config, data)
         _preflight(config, base, processes)
-    loop, liger = _build_loop(config, base, tokenizer, data, processes)
+    loop, modes = _build_loop(config, base, tokenizer, data, processes)
     if resume_from is not None:
         _resume(loop, resume_from)
     elif processes.is_main:
@@ -110,16 +110,20 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
     if processes.is_main:
         final_metrics.update(smoothed_final_loss(loop.metrics.rows()))
     result = None
+    from mtool.train.fsdp import gather_trainable_state, is_sharded
+
+    model = unwrap(loop.model)
+    trainable = gather_trainable_state(model) if is_sharded(model) else None  # every process takes part
     if processes.is_main:
         from mtool.train.output import OutputFacts, write_output
 
         facts = OutputFacts(config=config, base=base, data_sha256=data.sha256, data_format=data.data_format,
                             stats=data.stats, added_tokens=data.added_tokens, total_steps=loop.total_steps,
                             warmup_steps=loop.warmup_steps, world_size=processes.world_size,
-                            compute_dtype=dtype_label(loop.compute_dtype), liger=liger,
+                            compute_dtype=dtype_label(loop.compute_dtype), modes=modes,
                             train_examples=len(data.train), eval_examples=len(data.eval) if data.eval else 0)
-        folder = write_output(out, unwrap(loop.model), tokenizer, facts, final_metrics, loop.metrics, force=force,
-                              hasher=hasher)
+        folder = write_output(out, model, tokenizer, facts, final_metrics, loop.metrics, force=force,
+                              hasher=hasher, trainable=trainable)
         ui.info(f"adapter written to {folder}")
         merged = None
         if config.merge:
@@ -133,7 +137,7 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
 
 
 def _build_loop(config: TrainConfig, base: ModelRef, tokenizer: Any, data: PreparedData,
-                processes: Processes) -> tuple[Loop, bool]:
+                processes: Processes) -> tuple[Loop, Any]:
     """The model (LoRA attached, wrapped for data parallelism), optimizer, step plan and logs of a run."""
     import torch
 
@@ -141,12 +145,14 @@ def _build_loop(config: TrainConfig, base: ModelRef, tokenizer: Any, data: Prepa
     from mtool.train.model import build_model, resolve_compute_dtype, trainable_parameters
     from mtool.train.optim import build_optimizer, warmup_steps_for
 
-    peft_model, liger = build_model(str(base.path), tokenizer, config.model, config.lora, device=processes.device,
-                                    seed=config.seed)
+    sharded = processes.distributed and config.training.parallelism == "fsdp"
+    peft_model, modes = build_model(str(base.path), tokenizer, config.model, config.lora, device=processes.device,
+                                    seed=config.seed, sharded=sharded)
     if processes.is_main:  # the adapter's size is known now: refuse a disk that cannot take it, before training
         from mtool.train.output import output_bytes
 
         require_free_space(Path(config.out).parent, output_bytes(peft_model, base))
+    model = wrap_for_data_parallel(peft_model, processes, config.training.parallelism)
     optimizer = build_optimizer(trainable_parameters(peft_model), config.training, processes.device)
     compute_dtype = resolve_compute_dtype(config.model.compute_dtype, processes.device)
     scaler = torch.amp.GradScaler("cuda") if compute_dtype == torch.float16 and processes.device.type == "cuda" \
@@ -159,18 +165,19 @@ def _build_loop(config: TrainConfig, base: ModelRef, tokenizer: Any, data: Prepa
     if processes.is_main:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
     barrier(processes)
-    loop = Loop(config=config, model=wrap_for_data_parallel(peft_model, processes), optimizer=optimizer,
+    loop = Loop(config=config, model=model, optimizer=optimizer,
                 train_data=data.train, eval_data=data.eval, plan=plan,
                 warmup_steps=warmup_steps_for(settings, len(plan)), processes=processes,
                 pad_id=tokenizer.pad_token_id, checkpoint_dir=checkpoint_dir,
                 metrics=MetricsLog(checkpoint_dir / "metrics.jsonl"), config_yaml=config.to_yaml(), scaler=scaler,
-                compute_dtype=compute_dtype)
+                compute_dtype=compute_dtype, eval_kwargs={"skip_logits": True} if modes.loss != "full" else {})
     if processes.is_main:
         trainable = sum(p.numel() for p in trainable_parameters(peft_model))
-        ui.info(f"{len(plan)} steps of {settings.grad_accum * processes.world_size} micro-batches "
-                f"({processes.world_size} process(es)); {trainable:,} trainable parameters; "
-                f"{'Liger kernels on' if liger else 'no fused kernels'}; device {processes.device}")
-    return loop, liger
+        layout = f"{processes.world_size} processes, {settings.parallelism.upper()}" if processes.distributed \
+            else "1 process"
+        ui.info(f"{len(plan)} steps of {settings.grad_accum * processes.world_size} micro-batches ({layout}); "
+                f"{trainable:,} trainable parameters; {modes.describe()}; device {processes.device}")
+    return loop, modes
 
 
 def _resume(loop: Loop, folder: Path) -> None:
@@ -211,10 +218,13 @@ def _checkpoint_to_resume(config: TrainConfig, *, resume: bool, force: bool, pro
         raise ConfigError("the config differs from the one the checkpoint was trained with: " + "; ".join(differences),
                           where=str(newest), fix="resume with the same settings, or start over with --force")
     progress = read_progress(newest)
-    if progress.world_size != processes.world_size:
-        raise ConfigError(f"the checkpoint was written by a run of {progress.world_size} process(es), this one has "
-                          f"{processes.world_size}", where=str(newest),
-                          fix="resume with the same number of processes (the data order depends on it)")
+    saved_per_step = saved.training.grad_accum * progress.world_size
+    per_step = config.training.grad_accum * processes.world_size
+    if saved_per_step != per_step:
+        raise ConfigError(f"the checkpoint's steps have {saved_per_step} micro-batches ({progress.world_size} "
+                          f"process(es) x grad_accum {saved.training.grad_accum}), this run's {per_step} "
+                          f"({processes.world_size} x {config.training.grad_accum})", where=str(newest),
+                          fix="keep processes x training.grad_accum the same (the data of a step depends on it)")
     return newest
 
 
@@ -289,6 +299,6 @@ def _preflight(config: TrainConfig, base: ModelRef, processes: Processes) -> Non
     from mtool.train.estimate import estimate_for_config
     from mtool.train.fit import detected_gpu_memory, fit_report
 
-    estimate = estimate_for_config(config, base.path, device=processes.device)
+    estimate = estimate_for_config(config, base.path, device=processes.device, processes=processes.world_size)
     capacity = detected_gpu_memory(processes.device)
-    ui.info(fit_report(estimate, capacity))
+    ui.info(fit_report(estimate, capacity, gpus=processes.world_size))

@@ -5,11 +5,16 @@ place, so a kill while writing leaves the previous checkpoint as the newest). It
 
 - ``adapter_model.safetensors`` + ``adapter_config.json``: the trainable weights as a PEFT adapter (usable
   for inference as it is);
-- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer state, its tensors in safetensors and the rest
-  (step counts, hyper-parameters) in JSON: no pickle is ever written or read;
+- ``optimizer.safetensors`` + ``optimizer.json``: the optimizer state keyed by parameter name
+  (``torch.distributed.checkpoint.state_dict``'s full form), its tensors in safetensors and the rest (step
+  counts, hyper-parameters) in JSON: no pickle is ever written or read;
 - ``trainer-state.json``: the step (which fixes the learning rate, the data position and the random state, all
   functions of the step), the epoch, token counters, elapsed time and the fp16 loss-scaler state;
 - ``train-config.yaml``: the config, compared with the resuming run's.
+
+The adapter and the optimizer state are the full ones whatever the run's layout (an FSDP run gathers them from
+its shards first), so a checkpoint resumes in one process, under DDP or under FSDP (:mod:`mtool.train.fsdp`).
+Checkpoints of earlier versions, whose optimizer state is keyed by position, still resume in one process.
 """
 
 from __future__ import annotations
@@ -119,15 +124,20 @@ def _restore_tuples(saved_groups: list[dict[str, Any]], current_groups: list[dic
 # Whole checkpoints
 
 
-def save_checkpoint(folder: Path, *, model: Any, optimizer: "torch.optim.Optimizer", progress: Progress,
-                    config_yaml: str) -> Path:
-    """Write a checkpoint folder atomically (see the module docstring); ``model`` is the PEFT model."""
+def save_checkpoint(folder: Path, *, model: Any, optimizer_state: dict[str, Any], progress: Progress,
+                    config_yaml: str, trainable: dict[str, "torch.Tensor"] | None = None) -> Path:
+    """Write a checkpoint folder atomically (see the module docstring). ``model`` is the PEFT model,
+    ``optimizer_state`` the full state by parameter names (:func:`mtool.train.fsdp.gather_optimizer_state`) and
+    ``trainable`` the gathered trainable parameters of a sharded model (None: the model's own)."""
     from mtool.io.folders import atomic_output_dir
     from mtool.io.writing import save_tensors
 
     with atomic_output_dir(folder, force=True) as staging:
-        model.save_pretrained(staging)
-        tensors, tree = flatten_state(optimizer.state_dict())
+        if trainable is None:
+            model.save_pretrained(staging)
+        else:
+            model.save_pretrained(staging, state_dict=trainable)
+        tensors, tree = flatten_state(optimizer_state)
         save_tensors(staging, tensors, file_stem="optimizer")
         (staging / "optimizer.json").write_text(json.dumps(tree), encoding="utf-8")
         (staging / "train-config.yaml").write_text(config_yaml, encoding="utf-8")
@@ -145,9 +155,11 @@ def read_progress(folder: Path) -> Progress:
 
 
 def load_checkpoint(folder: Path, *, model: Any, optimizer: "torch.optim.Optimizer") -> Progress:
-    """Restore the trainable weights and the optimizer from ``folder``; return its :class:`Progress`."""
-    from peft import set_peft_model_state_dict
+    """Restore the trainable weights and the optimizer from ``folder`` into ``model`` (the PEFT model, sharded
+    or not, whatever layout wrote the checkpoint); return its :class:`Progress`."""
     from safetensors.torch import load_file
+
+    from mtool.train.fsdp import adapter_key_names, is_sharded, load_optimizer_state, load_trainable_state
 
     progress = read_progress(folder)
     try:
@@ -158,15 +170,23 @@ def load_checkpoint(folder: Path, *, model: Any, optimizer: "torch.optim.Optimiz
     except (OSError, ValueError) as error:
         raise CheckpointError(f"incomplete checkpoint: {error}", where=str(folder),
                               fix="delete it to resume from the one before") from None
-    result = set_peft_model_state_dict(model, weights)
-    if getattr(result, "unexpected_keys", None):
-        raise CheckpointError(f"the checkpoint does not fit the model: unexpected {result.unexpected_keys[:3]}",
-                              where=str(folder))
+    names = adapter_key_names(model)
+    unexpected = [key for key in weights if key not in names]
+    if unexpected:
+        raise CheckpointError(f"the checkpoint does not fit the model: unexpected {unexpected[:3]}", where=str(folder))
+    load_trainable_state(model, {names[key]: tensor for key, tensor in weights.items()})
     state = unflatten_state(tensors, tree)
     _restore_tuples(state["param_groups"], optimizer.param_groups)
+    by_index = all(isinstance(key, int) for key in state["state"])  # written before states were keyed by name
     try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError) as error:
+        if by_index and state["state"]:
+            if is_sharded(model):
+                raise CheckpointError("this checkpoint's optimizer state is keyed by position (an older mtool) and "
+                                      "cannot be sharded", where=str(folder), fix="resume it in one process")
+            optimizer.load_state_dict(state)
+        else:
+            load_optimizer_state(model, optimizer, state)
+    except (ValueError, KeyError, RuntimeError) as error:
         raise CheckpointError(f"the optimizer state does not fit this run: {error}", where=str(folder),
                               fix="resume with the same optimizer and LoRA settings") from None
     return progress
