@@ -8,13 +8,12 @@ line: what was looked for, where, and what to do.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from mtool.errors import InputError
+from mtool.ui import quiet_logger
 
 # What a model needs beside its weights; nothing else (pickles, images) is ever fetched.
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.model", "*.txt", "*.jinja", "*.tiktoken", "README.md"]
@@ -49,18 +48,6 @@ def is_hub_id(reference: str) -> bool:
 def offline() -> bool:
     """Whether downloads are switched off (``HF_HUB_OFFLINE``)."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-@contextlib.contextmanager
-def _hub_quiet():
-    """huggingface_hub logs warnings about each failed connection; mtool reports the failure once, itself."""
-    logger = logging.getLogger("huggingface_hub")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _download_failure(reference: str, revision: str | None, error: Exception) -> InputError:
@@ -98,7 +85,7 @@ def resolve_model(reference: str, revision: str | None = None, *, download: bool
         download = not offline()
     from huggingface_hub import snapshot_download
 
-    with _hub_quiet():
+    with quiet_logger("huggingface_hub"):  # it logs each failed connection; mtool reports the failure once
         try:
             folder = snapshot_download(reference, revision=revision, allow_patterns=HUB_PATTERNS,
                                        local_files_only=True)

@@ -59,6 +59,21 @@ def quiet_library_notices() -> None:
 
 
 @contextlib.contextmanager
+def quiet_logger(name: str) -> Iterator[None]:
+    """Only errors from the logger ``name`` for the ``with`` block (a library's own warnings that mtool reports
+    better itself); its level is restored after."""
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def quiet_unless_verbose() -> Iterator[None]:
     """Silence messages and progress bars for the ``with`` block, unless ``-v`` was given; then restore."""
     saved = (VERBOSITY.verbose, VERBOSITY.quiet)

@@ -5,6 +5,7 @@
 # (`pytest -m fuzz`, MTOOL_FUZZ_EXAMPLES examples per target, default 10,000; about two minutes of CPU on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export MTOOL_EXTRAS=${MTOOL_EXTRAS:-test,harness}  # harness: lm-eval, the reference of the `mtool eval --lm-eval` test
 MTOOL_MERGEKIT=${MTOOL_MERGEKIT:-1} MTOOL_LLAMA_CPP=${MTOOL_LLAMA_CPP:-1} bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "$#" -gt 0 ]; then

@@ -236,7 +236,8 @@ def test_bad_inputs_fail_cleanly(tiny, bases, adapter_dir, tmp_path, run_cli):
 
     assert "2 values for 1 adapters" in run_cli("adapters", "merge", base, adapter, out, "--weights", "1,2",
                                                  expect=2).output
-    assert "not a model" in run_cli("adapters", "merge", adapter, adapter, out, expect=2).output
+    assert "this is a LoRA adapter, not a base model" in run_cli("adapters", "merge", adapter, adapter, out,
+                                                                 expect=2).output
     assert not out.exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
     assert "Traceback" not in result.output

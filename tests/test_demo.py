@@ -161,14 +161,14 @@ def test_suggested_names_label_the_skills_even_for_renamed_copies(demo, tmp_path
 
     folder, _ = demo
     outputs = _named_outputs(folder)
-    assert len(outputs) == 9
+    assert len(outputs) == 10  # two adapters, their merges, four merges, the searched merge, the combined adapter
     for index, output in enumerate(outputs):
         assert str(suggest_name(output)) == output.name
         copy = tmp_path / f"output-{index}"
         shutil.copytree(output, copy)
         suggested = suggest_name(copy)
         assert str(suggested) == output.name
-        assert suggested.label in ("Capitals", "Symbols", "CapitalsSymbols")
+        assert suggested.label in ("Capitals", "Symbols", "CapitalsSymbols", "CapitalsSymbolsSearched")
 
 
 def test_every_card_the_demo_writes_is_publishable(demo) -> None:

@@ -52,7 +52,7 @@ def test_ignored_settings_warn_change_nothing_and_strict_refuses(family, tmp_pat
     assert warning in result.output
     assert model_differences(tmp_path / "noisy", tmp_path / "plain") == []
     record = json.loads((tmp_path / "noisy" / "mtool-lineage.json").read_text())
-    assert any(warning in message for message in record["parameters"]["warnings"])
+    assert any(warning in message for message in record["warnings"])
     refused = _merge(run_cli, tmp_path, "strict", _ties(family, extra, per_model), "--strict", expect=2)
     assert refused.output.startswith("error: ") and warning in refused.output
     assert not (tmp_path / "strict").exists()

@@ -29,10 +29,10 @@ def test_slerp_beyond_one_warns_records_and_extrapolates(tiny, tmp_path, run_cli
     out = tmp_path / "out"
     result = run_cli("merge", recipe, out)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
-    assert len(warnings) == 1 and "slerp t = 1.5 lies outside [0, 1]" in warnings[0]
+    assert len(warnings) == 1 and "parameter 't' = 1.5 lies outside [0, 1]" in warnings[0]
     record = json.loads((out / "mtool-lineage.json").read_text())
     assert record["warnings"] == [warnings[0].removeprefix("warning: ")]
-    assert "## Warnings" in (out / "README.md").read_text() and "t = 1.5" in (out / "README.md").read_text()
+    assert "## Warnings" in (out / "README.md").read_text() and "'t' = 1.5" in (out / "README.md").read_text()
     merged, w0, w1 = (load_file(folder / "model.safetensors") for folder in (out, base, tuned))
     name = "model.layers.0.self_attn.q_proj.weight"
     torch.testing.assert_close(merged[name].double(), slerp_float64(1.5, w0[name], w1[name]), rtol=1e-4, atol=1e-5)

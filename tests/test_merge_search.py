@@ -68,7 +68,8 @@ def test_a_search_is_deterministic_and_writes_its_best_trial(setup, tmp_path: Pa
     assert set(best.params) - set(per_model) == {"density@*", "density@self_attn", "lambda[0]", "lambda[1]"}
     assert len(per_model) == 2
     assert record.recipe == best.recipe and record.outputs == best.outputs  # the best trial, byte for byte
-    assert best.recipe["parameters"]["lambda"] == [best.params["lambda[0]"], best.params["lambda[1]"]]
+    # the recipe carries the optimizer's values to 4 significant digits (readable in the card, typed again as is)
+    assert best.recipe["parameters"]["lambda"] == [float(f"{best.params[f'lambda[{i}]']:.4g}") for i in (0, 1)]
     assert best.recipe["parameters"]["density"][0]["filter"] == "self_attn"
     assert record.evaluations[0].task == "text" and record.evaluations[0].metric == "perplexity"
     assert best.score == pytest.approx(-record.evaluations[0].metrics["mean_token_loss"])

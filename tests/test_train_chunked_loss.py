@@ -53,7 +53,7 @@ def test_frozen_head_and_no_grad_and_nothing_to_train():
         quiet = linear_cross_entropy(hidden, weight, labels, normalizer=10.0, rows=4)
     torch.testing.assert_close(quiet, reference_loss(hidden, weight, labels, 10.0).detach())
     nothing = linear_cross_entropy(hidden, weight, torch.full((10,), -100), normalizer=1.0)
-    assert float(nothing.detach()) == 0.0 and nothing.requires_grad  # still part of the graph (backward runs everywhere)
+    assert float(nothing.detach()) == 0.0 and nothing.requires_grad  # still in the graph (backward runs everywhere)
 
 
 def test_chunks_hold_about_as_much_as_the_hidden_states():

@@ -191,3 +191,19 @@ def test_eval_split_is_seeded_and_disjoint(tokenizer, tmp_path):
     assert len(held) == 4 and len(train) == 16
     assert held["input_ids"] == again_held["input_ids"] and train["input_ids"] == again_train["input_ids"]
     assert not {tuple(x) for x in held["input_ids"]} & {tuple(x) for x in train["input_ids"]}
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("", "the data file holds no records ({path})"),
+    ("\n\n", "the data file holds no records ({path})"),
+    ('{"text": "a"}\n{"text": \n', "the record is not valid JSON: expecting value ({path}, line 2)"),
+])
+def test_a_data_error_is_one_line_before_anything_else(tiny_llama, tmp_path, run_cli, content, message):
+    """No resolved config ahead of it, no library exception name: the file, its 1-based line, what is wrong."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(content)
+    result = run_cli("train", "--base", tiny_llama, "--data", data, "--out", tmp_path / "out", "--max-steps", 1,
+                     expect=2)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: " + message.format(path=data)), result.output
+    assert not (tmp_path / "out").exists()

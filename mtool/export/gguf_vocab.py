@@ -27,10 +27,7 @@ differ per vocabulary kind.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,17 +79,6 @@ class Vocabulary:
     def description(self) -> str:
         kind = "byte-level BPE" if self.model == "gpt2" else "SentencePiece-style BPE"
         return f"{kind} ({self.model}, pre-tokenizer {self.pre}), {len(self.tokens)} tokens"
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _steps(component: dict | None, list_key: str) -> list[dict]:
@@ -194,7 +180,7 @@ def read_vocabulary(folder: Path, rows: int, *, pre: str | None = None) -> Vocab
         tokens.append(token)
         types.append(int(kind))
         scores.append(score)
-    with _quiet_logger("gguf.vocab"):  # its guesses about BOS/EOS from the post-processor; decided below instead
+    with ui.quiet_logger("gguf.vocab"):  # its guesses about BOS/EOS from the post-processor; decided below instead
         special = gguf.SpecialVocab(folder, load_merges=not spm, n_vocab=rows)
     special.chat_template = tokenizer.chat_template or special.chat_template
     with_specials = tokenizer("a", add_special_tokens=True)["input_ids"]

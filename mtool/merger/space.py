@@ -41,6 +41,7 @@ class _ValueFields(BaseModel):
 
 
 VALUE_KEYS = tuple(_ValueFields.model_fields)
+SIGNIFICANT_DIGITS = 4  # of a searched number in the recipe it makes
 
 
 class Values(_ValueFields):
@@ -65,9 +66,17 @@ class Values(_ValueFields):
             return trial.suggest_categorical(label, self.choices)
         low, high = self.range
         if self.gradient:
-            return [trial.suggest_float(f"{label}[{index}]", low, high, log=self.log, step=self.step)
+            return [self._readable(trial.suggest_float(f"{label}[{index}]", low, high, log=self.log, step=self.step))
                     for index in range(self.gradient)]
-        return trial.suggest_float(label, low, high, log=self.log, step=self.step)
+        return self._readable(trial.suggest_float(label, low, high, log=self.log, step=self.step))
+
+    def _readable(self, value: float) -> float:
+        """``value`` to :data:`SIGNIFICANT_DIGITS` significant digits (within the range): the merged recipe, and
+        the card that shows it, carry numbers a person can read and type again. A ``step`` grid is kept as is."""
+        if self.step is not None:
+            return value
+        low, high = self.range
+        return min(high, max(low, float(f"{value:.{SIGNIFICANT_DIGITS}g}")))
 
 
 class FilterValues(Values):

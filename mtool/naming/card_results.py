@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mtool.lineage import Evaluation, Lineage
+from mtool.naming.publishable import display_reference
 
 if TYPE_CHECKING:
     from huggingface_hub import EvalResult
@@ -40,7 +41,8 @@ def eval_results(lineage: Lineage) -> list["EvalResult"]:
             task_type="text-generation", task_name=evaluation.task,
             dataset_type=_data_name(evaluation), dataset_name=evaluation.task,
             metric_type=_METRIC_TYPES.get(kind, evaluation.metric),
-            metric_name=_METRIC_NAMES.get(kind, evaluation.metric), metric_value=evaluation.value,
+            metric_name=_METRIC_NAMES.get(kind, evaluation.metric),
+            metric_value=float(f"{evaluation.value:.4g}"),  # rounded for people; the record keeps every digit
         ))
     return results
 
@@ -62,7 +64,7 @@ def evaluation_section(lineage: Lineage) -> list[str]:
         dataset = evaluation.dataset
         examples = dataset.examples if dataset is not None and dataset.examples is not None else ""
         digest = f"`{dataset.sha256[:12]}`" if dataset is not None and dataset.sha256 else ""
-        on = f" on `{evaluation.base}`" if evaluation.base else ""
+        on = f" on `{display_reference(evaluation.base)}`" if evaluation.base else ""
         lines.append(f"| {evaluation.task} | {_METRIC_NAMES.get(evaluation.kind, evaluation.metric)} | "
                      f"{_value(evaluation)} | {_data_name(evaluation)} | {examples} | {digest} | "
                      f"{evaluation.created[:10]}{on} |")

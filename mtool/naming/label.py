@@ -5,7 +5,8 @@ Where it comes from, first found:
 1. the folder's own name, when it already follows the schema (the Label chosen when it was named);
 2. its lineage record: a training run's (first) data set, the labels of the models a merge merged (their names'
    Labels, else their own records', else the words of their names that all of them do not share), the adapter
-   of an adapter merge or a resize, the fine-tune of an extraction;
+   of an adapter merge or a resize, the fine-tune of an extraction; a merge whose recipe was searched
+   (``mtool merge --search``) adds ``Searched``, to tell it from the merge of the recipe as written;
 3. the words of the folder's name that are not family, size, version, method, variant or encoding.
 
 A merge of parents labelled Capitals and Symbols is ``CapitalsSymbols`` (at most three labels, CamelCase); a word
@@ -25,6 +26,7 @@ from mtool.naming.methods import find_method
 from mtool.naming.schema import camel_join, is_encoding, is_lora_marker, is_size_like, is_version_like, is_word
 
 LABEL_MAX = 32
+SEARCHED = "Searched"  # the Label's last word for a merge whose parameters were searched
 MAX_MERGED_LABELS = 3
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".arrow", ".safetensors", ".gguf")
 _NOT_A_LABEL = ("hf", "model", "merge", "merged")
@@ -117,6 +119,8 @@ def label_of_record(lineage: Lineage) -> Derived | None:
     if not parents:
         return None
     label = label_from_words(_parent_labels(parents))
+    if label and lineage.operation == "merge" and lineage.search is not None:
+        label = camel_join([label, SEARCHED])
     what = {"merge": "merged models", "combine": "combined adapters", "adapter-merge": "merged adapter",
             "resize": "resized adapter", "extract": "fine-tune"}.get(lineage.operation, "parents")
     return Derived(label, f"the {what} ({', '.join(p.id for p in parents)})") if label else None

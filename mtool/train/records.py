@@ -72,7 +72,7 @@ def json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     first: tuple[int, str] | None = None
     with open(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            text = _decode(raw, path, number)
+            text = _decode(raw, path, number).rstrip("\r\n")  # a line's error is on that line
             if not text.strip():
                 continue
             if first is None:
@@ -169,9 +169,18 @@ def records_of(files: Sequence[Path], builder: str | None) -> Iterator[tuple[Pat
 
 
 def check_files(files: Sequence[Path], builder: str | None) -> None:
-    """Scan loose JSON, JSON Lines and CSV files (module docstring); raises at the first bad line."""
-    for _ in records_of(files, builder):
-        pass
+    """Scan loose JSON, JSON Lines and CSV files (module docstring); raises at the first bad line, or for a file
+    that holds no record."""
+    if builder not in ("json", "csv"):
+        return
+    counts = dict.fromkeys(files, 0)
+    for path, _, _ in records_of(files, builder):
+        counts[path] += 1
+    empty = next((path for path, count in counts.items() if count == 0), None)
+    if empty is not None:
+        raise InputError("the data file holds no records", where=str(empty),
+                         fix="give a file with one record per line (JSON Lines), a JSON array, or a CSV with a "
+                             "header row and rows")
 
 
 def locate(error: RecordError, files: Sequence[Path], builder: str | None) -> InputError:

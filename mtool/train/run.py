@@ -88,8 +88,6 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
     if config.merge:
         check_output_target(config.merged_dir, force=force, inputs=inputs)
     resume_from = _checkpoint_to_resume(config, resume=resume, force=force, processes=processes)
-    if processes.is_main:
-        ui.info("config:\n  " + config.to_yaml().strip().replace("\n", "\n  "))
 
     from mtool.train.tokenizer import load_tokenizer
 
@@ -99,6 +97,7 @@ def _train(config: TrainConfig, processes: Processes, *, resume: bool, force: bo
     data = prepare_data(config, tokenizer, hasher=hasher)
     if processes.is_main:
         barrier(processes)
+        ui.info("config:\n  " + config.to_yaml().strip().replace("\n", "\n  "))  # once the data is known good
         _report_data(config, data)
         _preflight(config, base, processes)
     loop, modes = _build_loop(config, base, tokenizer, data, processes)

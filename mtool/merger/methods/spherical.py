@@ -97,7 +97,8 @@ def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
 
 SLERP = MergeMethod(
     name="slerp",
-    parameters=(ParameterSpec("t", float, Scope.SHARED, help="0 = base model, 1 = the other model"),),
+    parameters=(ParameterSpec("t", float, Scope.SHARED, minimum=0.0, maximum=1.0,
+                              help="0 = base model, 1 = the other model (beyond: extrapolation)"),),
     base=BasePolicy.REQUIRED, min_inputs=2, max_inputs=2, internal_float32=True,
     prepare=slerp_prepare,
     finish=slerp_finish,
