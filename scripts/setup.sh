@@ -30,8 +30,9 @@ want="$(cat pyproject.toml mtool/merger/methods/_sortpath.c mtool/merger/methods
         | sha256sum | cut -d' ' -f1) $extras"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing mtool[$extras]" >&2
-  # compat: a plain path entry (no import hook, and no warning box about folders shadowing the package)
-  .venv/bin/python -m pip install -q -e ".[$extras]" --config-settings editable_mode=compat
+  # compat: a plain path entry (no import hook, and no warning box about folders shadowing the package);
+  # PYTHONWARNINGS: setuptools' notices about its own options (ext-modules, editable modes) are not the user's
+  PYTHONWARNINGS=ignore .venv/bin/python -m pip install -q -e ".[$extras]" --config-settings editable_mode=compat
   echo "$want" > "$stamp"
 fi
 

@@ -72,33 +72,33 @@ def _mixtral_config(base, config: "MoEConfig"):
     return out
 
 
-def _qwen_config(base, config: "MoEConfig"):
-    import transformers
-
-    out = transformers.Qwen2MoeConfig(**base.to_dict())
-    out.architectures = ["Qwen2MoeForCausalLM"]
+def _qwen_experts(config_class, architecture: str, base, config: "MoEConfig"):
+    """A Qwen MoE config from the base's: every layer sparse, ``len(experts)`` experts of the base's MLP size, the
+    top-k routing weights normalized."""
+    out = config_class(**base.to_dict())
+    out.architectures = [architecture]
     out.num_experts = len(config.experts)
     out.num_experts_per_tok = config.experts_per_token or 2
     out.decoder_sparse_step = 1
     out.norm_topk_prob = True
+    out.moe_intermediate_size = out.intermediate_size
+    return out
+
+
+def _qwen_config(base, config: "MoEConfig"):
+    import transformers
+
+    out = _qwen_experts(transformers.Qwen2MoeConfig, "Qwen2MoeForCausalLM", base, config)
     out.sliding_window = None
     out.use_sliding_window = False
     out.shared_expert_intermediate_size = out.intermediate_size
-    out.moe_intermediate_size = out.intermediate_size
     return out
 
 
 def _qwen3_config(base, config: "MoEConfig"):
     import transformers
 
-    out = transformers.Qwen3MoeConfig(**base.to_dict())
-    out.architectures = ["Qwen3MoeForCausalLM"]
-    out.num_experts = len(config.experts)
-    out.num_experts_per_tok = config.experts_per_token or 2
-    out.decoder_sparse_step = 1
-    out.norm_topk_prob = True
-    out.moe_intermediate_size = out.intermediate_size
-    return out
+    return _qwen_experts(transformers.Qwen3MoeConfig, "Qwen3MoeForCausalLM", base, config)
 
 
 DEEPSEEK_CODE = "deepseek-ai/deepseek-moe-16b-base"
