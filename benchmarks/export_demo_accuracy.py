@@ -6,10 +6,10 @@ Runs ``mtool demo`` into benchmarks/_work/demo (unless ``--demo`` names an earli
 fine-tunes, merges and the combined adapter (merged into the base by the export) to GGUF, and asks llama.cpp
 (llama-cpp-python) every question of every task through the chat template stored in the GGUF file
 (``create_chat_completion``: greedy, stopped at the end-of-turn marker), as an application on llama.cpp would.
-The answers are scored with the demo's own exact match (``mtool.demo.evaluate``) beside the same models' answers
-in transformers (the demo's ``greedy_answers``, float32). Needs llama-cpp-python (``MTOOL_LLAMA_CPP=1 bash
-scripts/setup.sh``). Prints a markdown table: accuracy per task in transformers and in llama.cpp, and how many of
-the answers are the same text.
+The answers are scored by exact match (``mtool.evaluate.scoring.is_right``, as ``mtool eval`` scores them) beside
+the same models' greedy answers in transformers (``mtool.evaluate``: the chat template, float32). Needs
+llama-cpp-python (``MTOOL_LLAMA_CPP=1 bash scripts/setup.sh``). Prints a markdown table: accuracy per task in
+transformers and in llama.cpp, and how many of the answers are the same text.
 """
 
 from __future__ import annotations
@@ -25,20 +25,43 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 WORK = REPO / "benchmarks" / "_work" / "demo-export"
+END_OF_TURN = "<|end|>"  # the tiny models' chat template closes every turn with it
+MAX_NEW_TOKENS = 6  # the demo's answers are a word or two
+
+
+def transformers_answers(folder: Path, base: Path, questions: list[str]) -> list[str]:
+    """The greedy answer of the model (or adapter on ``base``) in ``folder`` to each question, in transformers."""
+    import torch
+
+    from mtool.evaluate.generate import greedy_answers, prompt_ids, stop_rule
+    from mtool.evaluate.models import load_model
+
+    device = torch.device("cpu")
+    loaded = load_model(str(folder), base=str(base), device=device, dtype=torch.float32)
+    prompts = [prompt_ids(loaded.tokenizer, [{"role": "user", "content": question}], chat=True)
+               for question in questions]
+    stop = stop_rule(loaded.tokenizer, loaded.model, chat=True)
+    return greedy_answers(loaded.model, loaded.tokenizer, prompts, stop=stop, max_new_tokens=MAX_NEW_TOKENS,
+                          batch_size=64, device=device)
+
+
+def exact_match(answers: list[str], expected: list[str]) -> float:
+    from mtool.evaluate.scoring import is_right
+
+    return sum(is_right(answer, [right]) for answer, right in zip(answers, expected, strict=True)) / len(expected)
 
 
 def llama_answers(gguf_file: Path, questions: list[str]) -> list[str]:
     """llama.cpp's greedy answer to each question, through the chat template in the file."""
     import llama_cpp
 
-    from mtool.demo.evaluate import END_OF_TURN
-
     llm = llama_cpp.Llama(model_path=str(gguf_file), n_ctx=256, verbose=False, n_threads=2)
     try:
         answers = []
         for question in questions:
             reply = llm.create_chat_completion(messages=[{"role": "user", "content": question}], temperature=0.0,
-                                               top_k=1, repeat_penalty=1.0, max_tokens=6, stop=[END_OF_TURN])
+                                               top_k=1, repeat_penalty=1.0, max_tokens=MAX_NEW_TOKENS,
+                                               stop=[END_OF_TURN])
             answers.append(reply["choices"][0]["message"]["content"].split(END_OF_TURN)[0].strip())
         return answers
     finally:
@@ -53,7 +76,6 @@ def main() -> None:
     args = parser.parse_args()
     import llama_cpp
 
-    from mtool.demo.evaluate import exact_match, greedy_answers, load_for_eval
     from mtool.demo.pipeline import DemoSettings, run_demo
     from mtool.demo.tasks import all_tasks, skill_tasks
     from mtool.export.gguf_export import GGUFExportOptions, export_gguf
@@ -80,8 +102,7 @@ def main() -> None:
         out = WORK / f"{row['folder']}-GGUF"
         export_gguf(str(folder), out, GGUFExportOptions(types=tuple(types), force=True,
                                                         base=str(demo / "base") if row["kind"] == "adapters" else None))
-        model, tokenizer = load_for_eval(folder, demo / "base")
-        reference = {task.name: greedy_answers(model, tokenizer, task.questions) for task in tasks}
+        reference = {task.name: transformers_answers(folder, demo / "base", task.questions) for task in tasks}
         for type_name in types:
             (gguf_file,) = out.glob(f"*-{type_name.upper()}.gguf")
             cells, same, total = [], 0, 0

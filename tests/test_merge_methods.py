@@ -67,6 +67,25 @@ def test_slerp(shape, t) -> None:
     _close(_run("slerp", [v1, v0], [{}, {}], {"t": t}, base_index=1), expected)
 
 
+def test_slerp_statistics_are_the_same_whether_chunks_are_kept_or_read_again(monkeypatch) -> None:
+    """A large tensor is read twice for its statistics (norms, then dot products), a small one keeps its chunks:
+    the coefficients must not depend on which, bit for bit (small chunks and blocks make the passes real)."""
+    from mtool.merger.chunks import ChunkedTensor, InMemory
+    from mtool.merger.methods import spherical
+
+    monkeypatch.setattr(spherical, "SLERP_BLOCK", 64)
+    v0, v1 = (t.float() for t in _tensors(2, (24, 40)))
+    tensor = ChunkedTensor(name="w", inputs=[InMemory(v0), InMemory(v1)], model_params=[{}, {}], params={"t": 0.3},
+                           base_index=0, compute_dtype=torch.float32, chunk_size=100)
+    kept = spherical.slerp_prepare(tensor)
+    monkeypatch.setattr(spherical, "SLERP_KEEP_ELEMENTS", 0)
+    read_again = spherical.slerp_prepare(tensor)
+    assert torch.equal(kept.first, read_again.first) and torch.equal(kept.second, read_again.second)
+    a, b = v0.double().reshape(-1), v1.double().reshape(-1)
+    omega = math.acos((a @ b / (a.norm() * b.norm())).item())
+    assert float(kept.second) == pytest.approx(math.sin(0.3 * omega) / math.sin(omega), rel=1e-5)
+
+
 def test_slerp_falls_back_to_lerp_for_parallel_vectors() -> None:
     v0 = torch.randn(64, dtype=torch.float64)
     v1 = 2.0 * v0
