@@ -51,14 +51,27 @@ _current = GLIBC_DEFAULT
 _lock = threading.Lock()
 
 
-def _mallopt():
+def _libc_function(function: str):
+    """glibc's ``function`` (``mallopt``, ``malloc_trim``), or None where the C library has none."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
     try:
-        return ctypes.CDLL(name).mallopt
+        return getattr(ctypes.CDLL(name), function)
     except (OSError, AttributeError):  # not glibc (musl, macOS)
         return None
+
+
+def _mallopt():
+    return _libc_function("mallopt")
+
+
+def _release_kept_heap() -> None:
+    """Give the freed heap a policy kept (up to its ``trim_bytes``) back to the system: with the earlier
+    thresholds restored, large blocks are then mapped afresh again instead of carved from that heap."""
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def _apply(policy: AllocatorPolicy) -> bool:
@@ -83,6 +96,7 @@ def allocator_policy(policy: AllocatorPolicy) -> Iterator[bool]:
             _current = previous
             if applied:
                 _apply(previous)
+                _release_kept_heap()
 
 
 @contextlib.contextmanager
