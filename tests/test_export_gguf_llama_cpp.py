@@ -80,6 +80,16 @@ def _llama(path: Path, **options):
                            type_k=0, type_v=0, **options)
 
 
+def _llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    """llama.cpp's logits (float64, tokens x vocabulary) for ``ids`` run through the GGUF file ``path``."""
+    llm = _llama(path, logits_all=True)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float64)
+    finally:
+        llm.close()
+
+
 @dataclass
 class Exported:
     """A tiny model, its GGUF files of every type, and transformers' run of the prompt."""
@@ -123,12 +133,7 @@ def exported(tiny, tmp_path_factory):
 def test_llama_cpp_logits_match_transformers(exported, case: str, type_name: str) -> None:
     run = exported(case)
     assert len(run.ids) > 2 * 8  # longer than the Gemma sliding window (8): local and global layers both matter
-    llm = _llama(run.gguf(type_name), logits_all=True)
-    try:
-        llm.eval(run.ids)
-        got = np.array(llm.scores[: len(run.ids)], dtype=np.float64)
-    finally:
-        llm.close()
+    got = _llama_logits(run.gguf(type_name), run.ids)
     reference = run.logits
     scale = reference.std()
     difference = np.abs(got - reference) / scale
@@ -230,12 +235,7 @@ def test_the_comparison_catches_a_conversion_left_out(tiny, tmp_path: Path, monk
     with torch.no_grad():
         reference = AutoModelForCausalLM.from_pretrained(source).eval()(torch.tensor([ids])).logits[0].double().numpy()
     (path,) = (tmp_path / "wrong").glob("*.gguf")
-    llm = _llama(path, logits_all=True)
-    try:
-        llm.eval(ids)
-        got = np.array(llm.scores[: len(ids)], dtype=np.float64)
-    finally:
-        llm.close()
+    got = _llama_logits(path, ids)
     difference = np.abs(got - reference) / reference.std()
     assert difference.max() > TOLERANCE["q8_0"][0] and difference.mean() > TOLERANCE["q8_0"][1]
 
@@ -245,15 +245,7 @@ def test_llama_cpp_loads_a_split_file_from_its_first_shard(exported, tmp_path: P
     export_gguf(str(run.source), tmp_path / "split", GGUFExportOptions(types=("f32",), max_shard_bytes=200_000))
     shards = sorted((tmp_path / "split").glob("*.gguf"))
     assert len(shards) > 2 and "-00001-of-" in shards[0].name
-    logits = []
-    for path in (shards[0], run.gguf("f32")):
-        llm = _llama(path, logits_all=True)
-        try:
-            llm.eval(run.ids)
-            logits.append(np.array(llm.scores[: len(run.ids)]))
-        finally:
-            llm.close()
-    assert np.array_equal(logits[0], logits[1])
+    assert np.array_equal(_llama_logits(shards[0], run.ids), _llama_logits(run.gguf("f32"), run.ids))
 
 
 def test_the_language_model_of_a_multimodal_gemma3_runs_in_llama_cpp(tmp_path: Path) -> None:
@@ -283,12 +275,7 @@ def test_the_language_model_of_a_multimodal_gemma3_runs_in_llama_cpp(tmp_path: P
         reference = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
     for type_name in ("f32", "q8_0"):
         (path,) = (tmp_path / "gguf").glob(f"*-{type_name.upper()}.gguf")
-        llm = _llama(path, logits_all=True)
-        try:
-            llm.eval(ids)
-            got = np.array(llm.scores[: len(ids)], dtype=np.float64)
-        finally:
-            llm.close()
+        got = _llama_logits(path, ids)
         difference = np.abs(got - reference) / reference.std()
         largest, mean = TOLERANCE[type_name]
         assert difference.max() <= largest and difference.mean() <= mean, (type_name, difference.max())

@@ -15,16 +15,13 @@ from mtool.train.batching import collate, epoch_order
 from mtool.train.config import validate_config
 from mtool.train.run import prepare_data, train
 from mtool.train.tokenizer import load_tokenizer
-from tests.support.train_helpers import alpaca_records, base_config, chat_records, write_jsonl
+from tests.support.train_helpers import alpaca_records, base_config, chat_records, step_losses, write_jsonl
 
 
 def config_of(base, data, out, **overrides):
     return validate_config(base_config(base, data, out, **overrides), where="test")
 
 
-def losses(folder):
-    return [row["loss"] for row in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-            if "loss" in row]
 
 
 def eval_loss_float64(model, dataset, pad_id):
@@ -70,7 +67,7 @@ def test_loss_falls_and_the_saved_adapter_reloads_with_the_same_eval_loss(tiny_l
     config = config_of(tiny_llama, alpaca_file, out, **{"model.quantization": quantization,
                                                         "data.eval_fraction": 0.25, "training.max_steps": 12})
     result = train(config)
-    curve = losses(out)
+    curve = step_losses(out)
     assert len(curve) == 12 and sum(curve[-3:]) / 3 < 0.75 * curve[0]
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja",
                  "train-config.yaml", "metrics.jsonl", "loss.png", "mtool-lineage.json"):
@@ -103,7 +100,7 @@ def test_accumulation_equals_one_big_batch(tiny_llama, alpaca_file, tmp_path):
         train(config_of(tiny_llama, alpaca_file, outs[micro], **{"training.micro_batch_size": micro,
                                                                  "training.grad_accum": accumulate,
                                                                  "training.max_steps": 3}))
-    big, small = losses(outs[4]), losses(outs[1])
+    big, small = step_losses(outs[4]), step_losses(outs[1])
     assert small == pytest.approx(big, rel=1e-5)
     from safetensors.torch import load_file
 
@@ -132,7 +129,7 @@ def _crash_at(monkeypatch, step_number, action):
 def _same_as_reference(out, reference):
     from safetensors.torch import load_file
 
-    assert losses(out) == losses(reference)  # bit for bit
+    assert step_losses(out) == step_losses(reference)  # bit for bit
     for name, tensor in load_file(reference / "adapter_model.safetensors").items():
         assert torch.equal(load_file(out / "adapter_model.safetensors")[name], tensor), name
 
@@ -180,7 +177,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tiny_
     assert f"the newest checkpoint ({newest}) is kept" in message
     assert not out.exists()
     state = json.loads((newest / "trainer-state.json").read_text())
-    assert all(torch.isfinite(torch.tensor(row)) for row in losses(config.checkpoint_dir)[: state["step"]])
+    assert all(torch.isfinite(torch.tensor(row)) for row in step_losses(config.checkpoint_dir)[: state["step"]])
 
 
 def test_named_chat_template_is_saved_and_new_tokens_train_in_full(tiny_llama, tmp_path):
@@ -240,7 +237,7 @@ def test_packed_training_normalizes_over_the_packed_tokens(tiny_llama, alpaca_fi
     out = tmp_path / "packed"
     config = config_of(tiny_llama, alpaca_file, out, **{"data.packing": True, "training.max_steps": 5})
     train(config)
-    curve = losses(out)
+    curve = step_losses(out)
     assert curve[-1] < curve[0]
     tokenizer = load_tokenizer(str(tiny_llama))
     data = prepare_data(config, tokenizer).train
@@ -277,4 +274,4 @@ def test_resume_after_sigkill_gives_the_uninterrupted_losses(tiny_llama, alpaca_
     process.wait()
     assert process.returncode == -signal.SIGKILL and not out.exists()  # killed mid-run: no output yet
     train(validate_config(yaml.safe_load(config_path.read_text()), where="test"), resume=True)
-    assert losses(out) == losses(reference)
+    assert step_losses(out) == step_losses(reference)

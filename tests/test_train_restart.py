@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from mtool import ui
 from mtool.train import loop as loop_module
 from mtool.train.config import validate_config
 from mtool.train.run import train
-from tests.support.train_helpers import alpaca_records, base_config, write_jsonl
+from tests.support.train_helpers import alpaca_records, base_config, step_losses, write_jsonl
 
 STEPS = 4
 
@@ -23,9 +21,6 @@ def _config(base, data, out):
                                                            "lora.dropout": 0.1}), where="test")
 
 
-def _losses(folder):
-    return [row["loss"] for row in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
-            if "loss" in row]
 
 
 @pytest.fixture(scope="module")
@@ -56,13 +51,13 @@ def _die_at_step_3(tiny_llama, data, out, monkeypatch) -> None:
     monkeypatch.undo()
     directory = config.checkpoint_dir
     assert not out.exists() and directory.is_dir() and not list(directory.glob("step-*"))
-    assert len(_losses(directory)) == 2  # what an earlier mtool refused to start over from
+    assert len(step_losses(directory)) == 2  # what an earlier mtool refused to start over from
 
 
 def _same(out, reference) -> None:
     from safetensors.torch import load_file
 
-    assert _losses(out) == _losses(reference)  # the dead run's steps are not in the history
+    assert step_losses(out) == step_losses(reference)  # the dead run's steps are not in the history
     expected = load_file(reference / "adapter_model.safetensors")
     for name, tensor in load_file(out / "adapter_model.safetensors").items():
         assert torch.equal(tensor, expected[name]), name
