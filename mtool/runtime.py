@@ -62,10 +62,6 @@ def _libc_function(function: str):
         return None
 
 
-def _mallopt():
-    return _libc_function("mallopt")
-
-
 def _release_kept_heap() -> None:
     """Give the freed heap a policy kept (up to its ``trim_bytes``) back to the system: with the earlier
     thresholds restored, large blocks are then mapped afresh again instead of carved from that heap."""
@@ -75,7 +71,7 @@ def _release_kept_heap() -> None:
 
 
 def _apply(policy: AllocatorPolicy) -> bool:
-    mallopt = _mallopt()
+    mallopt = _libc_function("mallopt")
     if mallopt is None:
         return False
     done = bool(mallopt(M_MMAP_THRESHOLD, policy.mmap_bytes))

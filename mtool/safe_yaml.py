@@ -194,6 +194,25 @@ def load_yaml(text: str, *, source: str) -> YamlDocument:
     return YamlDocument(data, node)
 
 
+def line_of(node: yaml.Node | None, location: tuple) -> int | None:
+    """The 1-based line of the YAML node at a pydantic error location (a key's own line for a key), or of its
+    nearest existing parent."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in location:
+        if isinstance(node, yaml.MappingNode):
+            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == key), None)
+            match, marked = (pair[1], pair[0]) if pair else (None, None)  # a key's line is where the key is
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            match = marked = node.value[key]
+        else:
+            match = marked = None
+        if match is None:
+            break
+        node = match
+        line = marked.start_mark.line + 1
+    return line
+
+
 def read_text(path: str | os.PathLike, *, what: str, max_bytes: int = MAX_BYTES) -> str:
     """The UTF-8 text of a file of at most ``max_bytes`` bytes (read no further: ``/dev/zero`` is refused too)."""
     return read_utf8(path, what=what, max_bytes=max_bytes, fix=f"a {what} is a short text file: check the path",

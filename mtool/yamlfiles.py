@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 from typing import TypeVar
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from mtool.errors import ConfigError
-from mtool.safe_yaml import load_yaml, read_text
+from mtool.safe_yaml import line_of, load_yaml, read_text
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -32,22 +31,6 @@ def _data_location(data: object, location: tuple) -> tuple:
     return tuple(kept)
 
 
-def _line_of(node: yaml.Node | None, location: tuple) -> int | None:
-    """The 1-based line of the YAML node at a pydantic error location, or of its nearest existing parent."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for key in location:
-        if isinstance(node, yaml.MappingNode):
-            node = next((value for name, value in node.value if getattr(name, "value", None) == key), None)
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-        else:
-            node = None
-        if node is None:
-            break
-        line = node.start_mark.line + 1
-    return line
-
-
 def parse_yaml_model(text: str, model: type[Model], *, source: str, guide: str | None = None) -> Model:
     """``text`` (YAML) validated as ``model``; a malformed file or value is a :class:`ConfigError` naming
     ``source``, the key and its line (``guide`` says where the keys are documented)."""
@@ -66,7 +49,7 @@ def parse_yaml_model(text: str, model: type[Model], *, source: str, guide: str |
             message = f"unknown key {location[-1]!r}"
         elif first["type"] == "missing":
             message = f"missing key {location[-1]!r}"
-        line = _line_of(node, location)
+        line = line_of(node, location)
         raise ConfigError(f"{key}: {message}", where=f"{source}, line {line}" if line else source, fix=guide) from None
 
 

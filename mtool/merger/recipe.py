@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from mtool.errors import ConfigError, printable, shown
 from mtool.merger.references import ModelReference, as_reference, reference_text
-from mtool.safe_yaml import load_yaml, read_text
+from mtool.safe_yaml import line_of, load_yaml, read_text
 
 ParameterSetting = Any  # scalar | gradient list | [{filter, value}] (validated in params.py)
 class _Strict(BaseModel):
@@ -317,24 +317,6 @@ def _key_lines(node: yaml.Node | None, path: str = "") -> dict[str, int]:
     return lines
 
 
-def _line_of(node: yaml.Node | None, location: tuple) -> int | None:
-    """The 1-based line of the YAML node at a pydantic error location, or of its nearest existing parent."""
-    line = node.start_mark.line + 1 if node is not None else None
-    for key in location:
-        if isinstance(node, yaml.MappingNode):
-            pair = next(((k, v) for k, v in node.value if getattr(k, "value", None) == key), None)
-            match, marked = (pair[1], pair[0]) if pair else (None, None)  # a key's line is where the key is
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            match = marked = node.value[key]
-        else:
-            match = marked = None
-        if match is None:
-            break
-        node = match
-        line = marked.start_mark.line + 1
-    return line
-
-
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read and validate a recipe file; every error names the file and line. The YAML is read within
     :mod:`mtool.safe_yaml`'s limits (size, depth, aliases, duplicate keys)."""
@@ -357,7 +339,7 @@ def parse_recipe(text: str, *, source: str = "recipe") -> Recipe:
     except ValidationError as error:
         first = error.errors()[0]
         location = tuple(first["loc"])
-        line = _line_of(node, location)
+        line = line_of(node, location)
         key = printable(".".join(str(part) for part in location)[:200]) or "recipe"
         message = printable(first["msg"].removeprefix("Value error, "))[:300]
         fix = "see docs/merge.md for the recipe format"

@@ -180,12 +180,11 @@ class BoundSpace:
         from mtool.merger.methods.base import Scope
 
         method = get_method(self.recipe.merge_method)
-        known = {spec.name: spec for spec in method.parameters}
-        spec = known.get(dimension.name)
-        where = f"parameters[{index}].name"
+        spec = method.parameter(dimension.name)
         if spec is None:
-            raise ConfigError(f"merge method {method.name!r} has no parameter {dimension.name!r}", where=where,
-                              fix=f"its parameters are: {', '.join(sorted(known)) or 'none'}")
+            names = ", ".join(sorted(p.name for p in method.parameters)) or "none"
+            raise ConfigError(f"merge method {method.name!r} has no parameter {dimension.name!r}",
+                              where=f"parameters[{index}].name", fix=f"its parameters are: {names}")
         if target is not None and spec.scope is Scope.SHARED:
             raise ConfigError(f"merge method {method.name!r} reads {dimension.name!r} once per tensor, not per model",
                               where=f"parameters[{index}].model", fix="drop `model:` to search it for every tensor")
